@@ -1,0 +1,53 @@
+"""Loading the prepared datasets, from a local `prepare_data.py` output or from the Hub.
+
+A local output folder holds `pairs/<subset>/*.parquet` and `preferences/*.parquet` plus a
+dataset card whose `configs:` block lets `datasets.load_dataset(folder, "pairs",
+split="finetune")` work as well. A Hub id is read with the published layout of
+`lvwerra/stack-exchange-paired` (`data/<subset>/`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SUBSETS = ("finetune", "reward", "rl", "evaluation")
+PAIR_COLUMNS = ("qid", "question", "date", "metadata", "response_j", "response_k")
+
+
+def _check_subset(subset: str) -> None:
+    if subset not in SUBSETS:
+        raise ValueError(f"unknown subset {subset!r}: expected one of {', '.join(SUBSETS)}")
+
+
+def load_pairs(data: str | Path, subset: str, streaming: bool = False):
+    """The paired dataset's `subset` (finetune / reward / rl / evaluation) as a `datasets` split.
+
+    `data` is a `prepare_data.py` output folder or a Hub dataset id.
+    """
+    from datasets import load_dataset
+
+    _check_subset(subset)
+    path = Path(data)
+    if path.exists():
+        files = path / "pairs" / subset
+        if not any(files.glob("*.parquet")):
+            raise FileNotFoundError(
+                f"{files}: no parquet files; is {path} the output folder of scripts/prepare_data.py?"
+            )
+        return load_dataset("parquet", data_files=str(files / "*.parquet"), split="train", streaming=streaming)
+    return load_dataset(str(data), data_dir=f"data/{subset}", split="train", streaming=streaming)
+
+
+def load_preferences(data: str | Path, streaming: bool = False):
+    """The preference dataset (one row per question, all its answers with `pm_score`)."""
+    from datasets import load_dataset
+
+    path = Path(data)
+    if path.exists():
+        files = path / "preferences"
+        if not any(files.glob("*.parquet")):
+            raise FileNotFoundError(
+                f"{files}: no parquet files; is {path} the output folder of scripts/prepare_data.py?"
+            )
+        return load_dataset("parquet", data_files=str(files / "*.parquet"), split="train", streaming=streaming)
+    return load_dataset(str(data), split="train", streaming=streaming)

@@ -143,3 +143,14 @@ def test_cli_runs_from_a_yaml_config(write_dump, tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: Unknown arguments from config file: ['--num_prc', '1']" in proc.stderr
+
+
+def test_shipped_data_config_is_valid(tmp_path):
+    """Every key of configs/data/stackexchange.yaml is a known flag; it then stops at the
+    first dump that is not on this machine, with a one-line error."""
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_data.py"), "--config",
+                           str(REPO / "configs" / "data" / "stackexchange.yaml")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip() == ("prepare_data.py: error: dumps/stackoverflow.com-Posts.7z: no such file or folder "
+                                   "(expected a Posts.xml, a folder holding one, or a .7z)")

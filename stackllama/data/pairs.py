@@ -52,15 +52,18 @@ def split_boundaries(n: int, fractions: Sequence[float]) -> list[int]:
 def assign_splits(n: int, fractions: Sequence[float], seed: int) -> np.ndarray:
     """Subset index (into `SUBSETS`) of each of `n` questions, after a seeded shuffle.
 
-    The i-th question goes to the subset whose range holds its position in
-    `default_rng(seed).permutation(n)`. One byte per question, so this scales to
-    Stack Overflow's tens of millions of questions.
+    `perm = default_rng(seed).permutation(n)` orders the questions; the first
+    `fractions[0] * n` of that order go to `finetune`, the next to `reward`, and so on.
+    About 9 bytes per question at the peak, so Stack Overflow's ~24M questions fit easily.
     """
     if len(fractions) != len(SUBSETS):
         raise ValueError(f"expected {len(SUBSETS)} fractions, got {len(fractions)}")
     if any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"split fractions must be >= 0 and sum to 1, got {list(fractions)}")
-    position = np.empty(n, dtype=np.int64)
-    position[np.random.default_rng(seed).permutation(n)] = np.arange(n)
-    bounds = np.array(split_boundaries(n, fractions))
-    return np.searchsorted(bounds, position, side="right").astype(np.int8)
+    perm = np.random.default_rng(seed).permutation(n)
+    split = np.empty(n, dtype=np.int8)
+    start = 0
+    for subset, end in enumerate(split_boundaries(n, fractions)):
+        split[perm[start:end]] = subset
+        start = end
+    return split

@@ -34,7 +34,7 @@ from .writer import PAIR_SCHEMA, PREFERENCE_SCHEMA, ShardedParquetWriter, datase
 # Planted in every site's dump since 2024 to trace copies; they are not real posts.
 FAKE_POST_IDS = frozenset({1000000001, 1000000010})
 BUNDLED_DUMPS_DIR = Path(__file__).resolve().parents[2] / "data" / "stackexchange"
-_INSERT_BATCH = 5_000
+_INSERT_BATCH = 1_000
 _GROUPS_PER_TASK = 64
 
 

@@ -52,7 +52,7 @@ class QuestionGroup:
 class PostStore:
     """Questions, answers and user names of one or more sites, on disk."""
 
-    def __init__(self, path: Path, cache_mib: int = 32):
+    def __init__(self, path: Path, cache_mib: int = 4):
         self.path = Path(path)
         self.db = sqlite3.connect(self.path)
         self.db.executescript(

@@ -51,7 +51,7 @@ class ShardedParquetWriter:
     """
 
     def __init__(self, directory: Path, schema: pa.Schema, max_rows_per_file: int = 100_000,
-                 row_group_rows: int = 1_000):
+                 row_group_rows: int = 500):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.schema = schema

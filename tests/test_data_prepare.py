@@ -60,7 +60,9 @@ def test_pairs_prefer_higher_pm_score(write_dump, tmp_path):
     score = {f"Answer {i} with score {s}.": p for i, s, p in [(10, 4, 2), (11, 0, 1), (12, -2, -1), (13, 3, 2)]}
     assert len(pairs) == 5
     assert all(score[p["response_j"]] > score[p["response_k"]] for p in pairs)
-    assert set(pairs[0]) == {"qid", "question", "date", "metadata", "response_j", "response_k"}
+    assert all((p["pm_score_j"], p["pm_score_k"]) == (score[p["response_j"]], score[p["response_k"]]) for p in pairs)
+    assert list(pairs[0]) == ["qid", "question", "date", "metadata", "response_j", "response_k", "pm_score_j",
+                              "pm_score_k"]
 
 
 def test_body_only_flag(write_dump, tmp_path):
@@ -193,7 +195,7 @@ def test_output_loads_with_datasets(bundled_output):
     out, summary = bundled_output
     finetune = load_dataset(str(out), "pairs", split="finetune")
     assert finetune.num_rows == summary["subsets"]["finetune"]["pairs"]
-    assert finetune.column_names == ["qid", "question", "date", "metadata", "response_j", "response_k"]
+    assert finetune.column_names[:6] == ["qid", "question", "date", "metadata", "response_j", "response_k"]
     assert load_dataset(str(out), data_dir="pairs/rl", split="train").num_rows == summary["subsets"]["rl"]["pairs"]
     assert load_pairs(out, "evaluation").num_rows == summary["subsets"]["evaluation"]["pairs"]
     prefs = load_preferences(out)

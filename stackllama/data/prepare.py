@@ -233,7 +233,8 @@ def _convert_batch(args: tuple[list[QuestionGroup], list[str], PrepareOptions]) 
         chosen = sample_pairs([a["pm_score"] for a in answers], opts.max_pairs_per_question, opts.seed,
                               f"{sites[g.site]}:{g.id}")
         pairs = [{"qid": g.id, "question": question, "date": date, "metadata": metadata,
-                  "response_j": answers[j]["text"], "response_k": answers[k]["text"]} for j, k in chosen]
+                  "response_j": answers[j]["text"], "response_k": answers[k]["text"],
+                  "pm_score_j": answers[j]["pm_score"], "pm_score_k": answers[k]["pm_score"]} for j, k in chosen]
         t_pair += time.perf_counter() - t1
         results.append(QuestionResult(preference, pairs, None, empty))
     return results, t_convert, t_pair, bodies

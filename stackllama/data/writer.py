@@ -37,6 +37,9 @@ PAIR_SCHEMA = pa.schema(
         ("metadata", pa.list_(pa.string())),
         ("response_j", pa.string()),
         ("response_k", pa.string()),
+        # not in the published layout: lets the reward stage report accuracy by score gap
+        ("pm_score_j", pa.int64()),
+        ("pm_score_k", pa.int64()),
     ]
 )
 
@@ -127,7 +130,8 @@ def dataset_card(summary: dict, subsets: tuple[str, ...]) -> str:
         "- `preferences`: one row per question with at least two answers; every answer with its",
         "  `pm_score` (-1 if the score is negative, else round(log2(1 + score)), +1 if accepted).",
         "- `pairs`: up to "
-        f"{summary['max_pairs_per_question']} answer pairs per question (`response_j` preferred over `response_k`),",
+        f"{summary['max_pairs_per_question']} answer pairs per question (`response_j` preferred over `response_k`,",
+        "  their scores in `pm_score_j` / `pm_score_k`),",
         "  split by question into " + ", ".join(f"`{s}`" for s in subsets) + ".",
         "",
         "```python",

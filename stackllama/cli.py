@@ -17,12 +17,24 @@ def parse_args(dataclass_types: Sequence[type], args: Sequence[str] | None = Non
     from trl import TrlParser
 
     parser = TrlParser(list(dataclass_types), description=description)
+    _default_to_fp32_without_gpu(parser)
     try:
         return parser.parse_args_and_config(args=args)
     except (OSError, yaml.YAMLError) as e:
         parser.error(f"cannot read --config: {e}")
     except ValueError as e:
         parser.error(str(e).split(". Please remove them")[0])
+
+
+def _default_to_fp32_without_gpu(parser) -> None:
+    """TRL's configs default to `bf16=True`, which `TrainingArguments` rejects on a machine
+    without a GPU; there the default becomes fp32 (a config file or flag still wins)."""
+    if not any(action.dest == "bf16" for action in parser._actions):
+        return
+    import torch
+
+    if not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())):
+        parser.set_defaults(bf16=False)
 
 
 def fail(message: str, prog: str | None = None) -> None:

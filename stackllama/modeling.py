@@ -1,0 +1,277 @@
+"""Loading models for every stage: Hub id or local path, dtype, 8/4-bit, LoRA, pad/eos.
+
+The SFT, reward-model and PPO stages all load a base model the same way, so it lives here:
+
+- `load_tokenizer`: `AutoTokenizer` with a padding token guaranteed (see `ensure_pad_token`);
+- `load_model`: `AutoModelForCausalLM` or `AutoModelForSequenceClassification` from a Hub
+  id or a folder, in the requested dtype, optionally quantized to 8 or 4 bits with
+  `BitsAndBytesConfig` (placed with `device_map={"": local_process_index}` so each process
+  of a multi-GPU run holds its own copy) and prepared with `prepare_model_for_kbit_training`;
+- `lora_config`: the `peft.LoraConfig` described by the `--use_peft`/`--lora_*` flags;
+- `merge_lora`: reload the base in 16/32 bits, apply a LoRA adapter, `merge_and_unload`, save.
+
+The arguments are TRL's `ModelConfig` dataclass (`--model_name_or_path`, `--dtype`,
+`--use_peft`, `--lora_r`, `--load_in_8bit`, ...), so every script shares the same flags.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from trl import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+Task = Literal["causal_lm", "seq_cls"]
+BITSANDBYTES_HINT = "pip install 'stackllama[bitsandbytes]'"
+
+
+class MissingDependencyError(ImportError):
+    """An optional dependency is needed for the options given; the message says which extra to install."""
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded from the name given (wrong path, Hub unreachable)."""
+
+
+def require_bitsandbytes() -> None:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MissingDependencyError(
+            f"--load_in_8bit / --load_in_4bit need the bitsandbytes package: {BITSANDBYTES_HINT}"
+        )
+
+
+def torch_dtype(name: str | None):
+    """`"bfloat16"` -> `torch.bfloat16`; `"auto"` and `None` are passed through."""
+    import torch
+
+    if name in (None, "auto"):
+        return name
+    if isinstance(name, torch.dtype):
+        return name
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}: use auto, bfloat16, float16 or float32")
+    return dtype
+
+
+def accelerator_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def kbit_device_map() -> dict[str, int | str]:
+    """Where a quantized model goes: this process's own device (one full copy per process), or the CPU."""
+    if not accelerator_available():
+        return {"": "cpu"}
+    from accelerate import PartialState
+
+    return {"": PartialState().local_process_index}
+
+
+def is_quantized(model_args: ModelConfig) -> bool:
+    return bool(model_args.load_in_8bit or model_args.load_in_4bit)
+
+
+def quantization_config(model_args: ModelConfig):
+    """The `BitsAndBytesConfig` for `--load_in_8bit` / `--load_in_4bit`, or None."""
+    if not is_quantized(model_args):
+        return None
+    if model_args.load_in_8bit and model_args.load_in_4bit:
+        raise ValueError("--load_in_8bit and --load_in_4bit are exclusive: choose one")
+    require_bitsandbytes()
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if model_args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute_dtype = torch_dtype(model_args.dtype)
+    if compute_dtype in (None, "auto"):
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        compute_dtype = torch.bfloat16 if bf16 else torch.float32
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
+        bnb_4bit_quant_storage=model_args.bnb_4bit_quant_storage,
+    )
+
+
+def lora_config(model_args: ModelConfig, task_type: str | None = None):
+    """The `LoraConfig` from the `--lora_*` flags (None without `--use_peft`); `task_type` overrides the flag."""
+    if not model_args.use_peft:
+        return None
+    from trl import get_peft_config
+
+    config = get_peft_config(model_args)
+    if task_type is not None:
+        config.task_type = task_type
+    return config
+
+
+def _load_error(name: str, error: Exception) -> ModelLoadError:
+    where = "local folder" if Path(name).exists() else "Hub id (not a local folder)"
+    hint = ""
+    if not Path(name).exists():
+        hint = (
+            " If you meant a local folder, check the path; a Hub id needs network access "
+            "(HF_HUB_OFFLINE=1 forbids it) or a copy already in the Hugging Face cache."
+        )
+    return ModelLoadError(f"could not load {name!r} as a {where}: {error}.{hint}")
+
+
+def ensure_pad_token(tokenizer, task: Task = "causal_lm"):
+    """Give `tokenizer` a padding token if it has none.
+
+    An existing `unk` token is preferred (LLaMA's usual choice); otherwise EOS is reused, which is
+    fine for causal-LM training (padded positions are masked) but makes a reward model's "last
+    non-pad token" ambiguous, hence the warning for `seq_cls`.
+    """
+    if tokenizer.pad_token is not None:
+        return tokenizer
+    if tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token:
+        tokenizer.pad_token = tokenizer.unk_token
+    elif tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+        if task == "seq_cls":
+            logger.warning(
+                "the tokenizer has no pad token; using EOS (%r) as pad. A sequence-classification model then "
+                "scores the first EOS/pad position; prefer a tokenizer with a distinct pad token.",
+                tokenizer.eos_token,
+            )
+    else:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token: set one before training")
+    return tokenizer
+
+
+def load_tokenizer(
+    name_or_path: str,
+    revision: str = "main",
+    trust_remote_code: bool = False,
+    padding_side: str | None = None,
+    task: Task = "causal_lm",
+):
+    """`AutoTokenizer.from_pretrained` with a padding token set (`ensure_pad_token`)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise _load_error(name_or_path, error) from error
+    if tokenizer.eos_token is None:
+        raise ValueError(f"the tokenizer of {name_or_path!r} has no EOS token; packing needs one between texts")
+    if padding_side is not None:
+        tokenizer.padding_side = padding_side
+    return ensure_pad_token(tokenizer, task=task)
+
+
+def load_model(
+    model_args: ModelConfig,
+    tokenizer=None,
+    task: Task = "causal_lm",
+    num_labels: int = 1,
+    trust_remote_code: bool = False,
+    gradient_checkpointing: bool = False,
+    gradient_checkpointing_kwargs: dict | None = None,
+    name_or_path: str | None = None,
+):
+    """The model named by `model_args` (Hub id or folder), quantized and prepared for k-bit training if asked.
+
+    A quantized base needs LoRA (`--use_peft`): its int8/nf4 weights cannot be trained directly.
+    The pad token id of `tokenizer` is written into the model's config and generation config.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    name = name_or_path or model_args.model_name_or_path
+    if not name:
+        raise ValueError("no model given: pass --model_name_or_path (a Hub id or a local folder)")
+    if is_quantized(model_args) and not model_args.use_peft:
+        raise ValueError(
+            "--load_in_8bit / --load_in_4bit train through LoRA adapters only: add --use_peft "
+            "(quantized weights cannot be updated directly)"
+        )
+    kwargs = dict(
+        revision=model_args.model_revision,
+        dtype=torch_dtype(model_args.dtype),
+        trust_remote_code=trust_remote_code,
+    )
+    if model_args.attn_implementation is not None:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    quant = quantization_config(model_args)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = kbit_device_map()
+    if task == "causal_lm":
+        model_class = AutoModelForCausalLM
+    elif task == "seq_cls":
+        model_class = AutoModelForSequenceClassification
+        kwargs["num_labels"] = num_labels
+    else:
+        raise ValueError(f"unknown task {task!r}: expected 'causal_lm' or 'seq_cls'")
+    try:
+        model = model_class.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as error:
+        raise _load_error(name, error) from error
+
+    if tokenizer is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+            if model.generation_config.eos_token_id is None:
+                model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
+        )
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts. 4-bit weights count as stored (two values per byte)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def merge_lora(
+    adapter_dir: str | Path,
+    output_dir: str | Path,
+    base_model: str | None = None,
+    dtype: str = "float32",
+    task: Task = "causal_lm",
+    trust_remote_code: bool = False,
+) -> Path:
+    """Merge the LoRA adapter in `adapter_dir` into a freshly loaded 16/32-bit base; save full weights.
+
+    The base is reloaded without quantization (merging into an 8-bit base fails or loses
+    precision); `base_model` defaults to the one recorded in the adapter config.
+    """
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json, so no LoRA adapter to merge")
+    peft_config = PeftConfig.from_pretrained(adapter_dir)
+    base = base_model or peft_config.base_model_name_or_path
+    model_class = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    try:
+        model = model_class.from_pretrained(base, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise _load_error(base, error) from error
+    model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
+    load_tokenizer(str(tokenizer_source), trust_remote_code=trust_remote_code).save_pretrained(output_dir)
+    return output_dir

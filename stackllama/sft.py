@@ -1,0 +1,379 @@
+"""Supervised fine-tuning: the pieces behind `scripts/sft.py`.
+
+The stage trains a causal LM on `Question: <question>\\n\\nAnswer: <response_j>` texts from
+the `finetune` subset with TRL's `SFTTrainer`:
+
+- packing as in the recipe (`packing=True, packing_strategy="wrapped"`): texts tokenized
+  with BOS, joined by EOS and cut into blocks of exactly `max_length` tokens; the short
+  block left at the end of each map batch is dropped (the recipe's `ConstantLengthDataset`
+  did the same), so no padding is ever trained on. The share of non-pad tokens of every
+  batch is logged as `non_pad_share`;
+- a held-out slice chosen by question id (no question in both train and eval), evaluated
+  before and after training (loss, perplexity);
+- LoRA / 8-bit / 4-bit through `stackllama.modeling`;
+- without `--model_name_or_path`, the tiny default model (`stackllama.tiny_model`) is built
+  beside the output folder and trained from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .data.loading import load_pairs
+from .data.template import PROMPT_TEMPLATE, format_example
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "sft_results.json"  # written last: its presence marks a completed SFT stage
+
+
+@dataclass
+class SFTScriptArguments:
+    """Arguments of `scripts/sft.py` beside TRL's `SFTConfig` (training) and `ModelConfig` (model)."""
+
+    data_dir: str = field(
+        default="runs/tiny/data",
+        metadata={"help": "Output folder of scripts/prepare_data.py, or a Hub dataset id with the data/<subset> layout."},
+    )
+    subset: str = field(default="finetune", metadata={"help": "Which paired subset to train on."})
+    streaming: bool = field(
+        default=False, metadata={"help": "Stream the dataset instead of loading it (needs --max_steps)."}
+    )
+    shuffle_buffer: int = field(default=5000, metadata={"help": "Shuffle buffer size when streaming."})
+    eval_fraction: float = field(
+        default=0.005,
+        metadata={"help": "Share of questions held out for evaluation (split by question id, deterministic)."},
+    )
+    max_eval_samples: int | None = field(
+        default=4000, metadata={"help": "At most this many held-out pairs are evaluated."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on at most this many pairs."})
+    eval_before_training: bool = field(
+        default=True, metadata={"help": "Evaluate the untrained model first (logged as eval_before_*)."}
+    )
+    merge: bool = field(
+        default=False,
+        metadata={"help": "Also write merged full weights (LoRA merged into a 16/32-bit base) to --merged_output_dir."},
+    )
+    merged_output_dir: str | None = field(
+        default=None, metadata={"help": "Where --merge writes the full model; default: <output_dir>-merged."}
+    )
+    merge_dtype: str = field(
+        default="float32", metadata={"help": "dtype of the merged weights (float32, bfloat16, float16)."}
+    )
+    tiny_model_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Without --model_name_or_path: where the tiny default model is built (or reused); "
+            "default: <parent of output_dir>/base."
+        },
+    )
+    tiny_model_config: str | None = field(
+        default=None, metadata={"help": "Folder of the tiny model's config.json; default: the repo's configs/tiny_model."}
+    )
+    tiny_model_seed: int = field(default=42, metadata={"help": "Seed of the tiny model's initialisation."})
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """`stackllama` loggers at `level`, libraries at WARNING, each repeated library warning shown once."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("stackllama").setLevel(level)
+    seen: set[str] = set()
+
+    def once(record: logging.LogRecord) -> bool:  # bitsandbytes warns on every 8-bit matmul
+        key = f"{record.name}:{record.getMessage()}"
+        if key in seen:
+            return False
+        seen.add(key)
+        return True
+
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(once)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def in_eval_split(qid, fraction: float, seed: int = 0) -> bool:
+    """Deterministic by question: the same question is always on the same side, in memory or streaming."""
+    if fraction <= 0:
+        return False
+    return zlib.crc32(f"{seed}:{qid}".encode()) % 1_000_000 < fraction * 1_000_000
+
+
+def to_text(example: dict) -> dict:
+    """One SFT text from a pair: the shared template with the preferred answer."""
+    return {"text": format_example(example["question"], example["response_j"])}
+
+
+def check_data_dir(data: str) -> None:
+    """A missing local folder gets a clear error rather than a failed Hub lookup (a Hub id is `owner/name`)."""
+    path = Path(data)
+    looks_local = path.is_absolute() or data.startswith(".") or data.count("/") != 1
+    if looks_local and not path.exists():
+        raise FileNotFoundError(
+            f"data folder {data} does not exist: create it with `python scripts/prepare_data.py --output_dir {data}` "
+            "or pass --data_dir with a prepared folder or a Hub dataset id (owner/name)"
+        )
+
+
+def load_sft_datasets(args: SFTScriptArguments, seed: int = 42):
+    """(train, eval) datasets with one `text` column; eval is None when `eval_fraction` is 0.
+
+    `seed` shuffles the training pairs (before packing, so that neighbouring pairs of one question
+    do not share blocks); the held-out questions do not depend on it.
+    """
+    check_data_dir(args.data_dir)
+    dataset = load_pairs(args.data_dir, args.subset, streaming=args.streaming)
+    columns = dataset.column_names or ["qid", "question", "date", "metadata", "response_j", "response_k"]
+    missing = {"qid", "question", "response_j"} - set(columns)
+    if missing:
+        raise ValueError(f"{args.data_dir} ({args.subset}): missing columns {sorted(missing)}; found {columns}")
+    if not 0 <= args.eval_fraction < 1:
+        raise ValueError(f"--eval_fraction must be in [0, 1), got {args.eval_fraction}")
+
+    def is_eval(example):  # independent of the training seed: every run holds out the same questions
+        return in_eval_split(example["qid"], args.eval_fraction)
+
+    train = dataset.filter(lambda example: not is_eval(example))
+    eval_ = dataset.filter(is_eval) if args.eval_fraction > 0 else None
+    if args.streaming:
+        train = train.shuffle(seed=seed, buffer_size=args.shuffle_buffer)
+        if args.max_train_samples is not None:
+            train = train.take(args.max_train_samples)
+        if eval_ is not None:
+            # Held in memory: evaluated many times, it would otherwise be re-streamed (and re-filtered) each time
+            from datasets import Dataset
+
+            if args.max_eval_samples is None:
+                raise ValueError("--streaming needs --max_eval_samples (the held-out pairs are kept in memory)")
+            rows = list(eval_.take(args.max_eval_samples))
+            if not rows:
+                logger.warning("eval_fraction %s held out no question; evaluation is skipped", args.eval_fraction)
+                eval_ = None
+            else:
+                eval_ = Dataset.from_list(rows, features=dataset.features)
+    else:
+        if len(train) == 0:
+            raise ValueError(f"{args.data_dir} ({args.subset}): no training pairs left after the eval split")
+        train = train.shuffle(seed=seed)
+        if args.max_train_samples is not None:
+            train = train.select(range(min(args.max_train_samples, len(train))))
+        if eval_ is not None:
+            if len(eval_) == 0:
+                logger.warning("eval_fraction %s held out no question; evaluation is skipped", args.eval_fraction)
+                eval_ = None
+            elif args.max_eval_samples is not None and len(eval_) > args.max_eval_samples:
+                eval_ = eval_.select(range(args.max_eval_samples))
+    train = train.map(to_text, remove_columns=columns)
+    if eval_ is not None:
+        eval_ = eval_.map(to_text, remove_columns=columns)
+    return train, eval_
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+def _sft_trainer_class():
+    from trl import SFTTrainer
+
+    class StackSFTTrainer(SFTTrainer):
+        """`SFTTrainer` that drops short packed blocks and logs the non-pad share of each batch."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+            dataset = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+            if packing and args.packing_strategy == "wrapped":
+                block = args.max_length
+                dataset = dataset.filter(lambda example: len(example["input_ids"]) == block)
+                if hasattr(dataset, "__len__") and len(dataset) == 0:
+                    raise ValueError(
+                        f"the {dataset_name} dataset holds fewer than max_length={block} tokens, so packing yields "
+                        "no full block: lower --max_length or add data (for eval: raise --eval_fraction)"
+                    )
+            return dataset
+
+        def log(self, logs, start_time=None):
+            for key, value in list(logs.items()):
+                if key.startswith("eval") and key.endswith("_loss"):
+                    logs[key[: -len("loss")] + "perplexity"] = perplexity(value)
+            super().log(logs, start_time)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["non_pad_share"].append(non_pad_share(inputs, self._tokenizer.pad_token_id))
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    return StackSFTTrainer
+
+
+def non_pad_share(inputs: dict, pad_token_id: int | None) -> float:
+    """Share of the batch's token positions that hold text (attention mask, else non-pad ids)."""
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        return float(mask.float().mean())
+    ids = inputs["input_ids"]
+    if pad_token_id is None:
+        return 1.0
+    return float((ids != pad_token_id).float().mean())
+
+
+def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=None, peft_config=None, callbacks=None):
+    """The SFT trainer (`trl.SFTTrainer` with the two additions above)."""
+    if training_args.packing and training_args.packing_strategy != "wrapped":
+        logger.warning(
+            "packing_strategy=%r keeps documents apart (padding-free, best-fit); the recipe's packing is 'wrapped'",
+            training_args.packing_strategy,
+        )
+    trainer_class = _sft_trainer_class()
+    return trainer_class(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+
+
+def check_training_args(training_args, script_args: SFTScriptArguments) -> None:
+    """Clear errors for option combinations that would otherwise fail deep inside the trainer."""
+    if script_args.streaming and training_args.max_steps <= 0:
+        raise ValueError("--streaming needs --max_steps: a streamed dataset has no length to derive epochs from")
+    if training_args.packing and not training_args.max_length:
+        raise ValueError("--packing needs --max_length (the block length)")
+
+
+def configure_reporting(training_args) -> None:
+    """Check the `--report_to` backends are installed; wandb logs into the output folder, offline unless
+    WANDB_API_KEY or WANDB_MODE is set (set WANDB_MODE=online after `wandb login` to sync live)."""
+    import importlib.util
+
+    report_to = training_args.report_to or []
+    if isinstance(report_to, str):
+        report_to = [report_to]
+    for backend, module, extra in (("tensorboard", "tensorboard", "tensorboard"), ("wandb", "wandb", "wandb")):
+        if backend in report_to and importlib.util.find_spec(module) is None:
+            from .modeling import MissingDependencyError
+
+            raise MissingDependencyError(f"--report_to {backend} needs the {module} package: pip install 'stackllama[{extra}]'")
+    if "wandb" in report_to:
+        os.environ.setdefault("WANDB_DIR", training_args.output_dir)  # the run's files stay in its folder
+        Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
+        if "WANDB_MODE" not in os.environ and "WANDB_API_KEY" not in os.environ:
+            logger.info("wandb: no WANDB_API_KEY and no WANDB_MODE set, logging offline (sync later with `wandb sync`)")
+            os.environ["WANDB_MODE"] = "offline"
+
+
+# --------------------------------------------------------------------------- base model
+
+
+def default_tiny_model_dir(output_dir: str) -> Path:
+    return Path(output_dir).resolve().parent / "base"
+
+
+def resolve_base_model(script_args: SFTScriptArguments, model_args, training_args) -> str:
+    """`--model_name_or_path`, or the tiny default model built (once) from the finetune texts."""
+    if model_args.model_name_or_path:
+        return model_args.model_name_or_path
+    from .tiny_model import build_tiny_model_from_data, is_built
+
+    target = Path(script_args.tiny_model_dir) if script_args.tiny_model_dir else default_tiny_model_dir(training_args.output_dir)
+    if not is_built(target):
+        logger.info("no --model_name_or_path: building the tiny default model in %s", target)
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():  # built once, by the main process; the others then reuse it
+        build_tiny_model_from_data(
+            target, script_args.data_dir, config=script_args.tiny_model_config, seed=script_args.tiny_model_seed
+        )
+    model_args.model_name_or_path = str(target)
+    return str(target)
+
+
+# --------------------------------------------------------------------------- results
+
+
+def perplexity(loss: float | None) -> float | None:
+    if loss is None:
+        return None
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+def write_model_card(output_dir: str, base_model: str, data: str, results: dict) -> Path:
+    """README.md of the saved model: what it is, how to load and prompt it, how it was trained."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    is_hub_id = not Path(base_model).exists()
+    card_data = ModelCardData(
+        library_name="peft" if results.get("use_peft") else "transformers",
+        base_model=base_model if is_hub_id else None,
+        datasets=[data] if not Path(data).exists() else None,
+        tags=["stackllama", "sft", "trl", "stack-exchange"] + (["lora"] if results.get("use_peft") else []),
+        pipeline_tag="text-generation",
+    )
+    before, after = results.get("eval_loss_before"), results.get("eval_loss")
+    if results.get("use_peft"):
+        load = (
+            "from peft import AutoPeftModelForCausalLM\n"
+            f"model = AutoPeftModelForCausalLM.from_pretrained({output_dir!r})  # or the merged copy (--merge)"
+        )
+    else:
+        load = f"from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained({output_dir!r})"
+    quant = "8-bit" if results.get("load_in_8bit") else "4-bit" if results.get("load_in_4bit") else "full-precision"
+    body = f"""
+# {Path(output_dir).name}: StackLLaMA supervised fine-tuning
+
+The SFT stage of the StackLLaMA recipe (Stack Exchange -> SFT -> reward model -> PPO): a causal LM
+fine-tuned on Stack Exchange questions and their preferred answers.
+
+- Base model: `{base_model}` ({quant} base, {"LoRA adapter" if results.get("use_peft") else "full training"})
+- Data: `{data}`, `finetune` pairs, preferred answer `response_j`
+- Text: `Question: <question>\\n\\nAnswer: <answer>`, texts joined by EOS
+- Packing: {results.get("packing")} (strategy `{results.get("packing_strategy")}`, blocks of {results.get("max_length")} tokens)
+- Trainable parameters: {results.get("trainable_parameters", 0):,} of {results.get("total_parameters", 0):,}
+- Steps: {results.get("global_step")}, training time {results.get("train_runtime_s") or 0:.0f} s
+
+## Evaluation (held-out questions)
+
+| | loss | perplexity |
+|---|---|---|
+| before training | {_fmt(before)} | {_fmt(perplexity(before))} |
+| after training | {_fmt(after)} | {_fmt(perplexity(after))} |
+
+## Usage
+
+```python
+from transformers import AutoTokenizer
+{load}
+tokenizer = AutoTokenizer.from_pretrained({output_dir!r})
+prompt = "Question: How do I descale my espresso machine?\\n\\nAnswer: "
+inputs = tokenizer(prompt, return_tensors="pt")
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64, do_sample=True)[0]))
+```
+"""
+    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
+    path = Path(output_dir) / "README.md"
+    card.save(path)
+    return path
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def write_results(output_dir: str, results: dict) -> Path:
+    """`sft_results.json`, written atomically as the stage's last act (its completion marker)."""
+    path = Path(output_dir) / RESULTS_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,126 @@
+"""Shared model loading: LoRA on/off parameter counts, 8/4-bit configs, pad tokens, merging, errors."""
+
+import importlib.util
+
+import pytest
+import torch
+from sft_helpers import SMALL_CONFIG, build_small_model, write_pairs
+from trl import ModelConfig
+
+from stackllama import modeling
+from stackllama.modeling import (
+    MissingDependencyError,
+    ModelLoadError,
+    count_parameters,
+    ensure_pad_token,
+    load_model,
+    load_tokenizer,
+    lora_config,
+    merge_lora,
+    quantization_config,
+)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("modeling")
+    return build_small_model(tmp, write_pairs(tmp / "data"))
+
+
+def lora_parameters(r: int) -> int:
+    """LoRA on LLaMA's default targets (q_proj, v_proj): r x (in + out) per matrix, A and B."""
+    h = SMALL_CONFIG["hidden_size"]
+    kv = SMALL_CONFIG["num_key_value_heads"] * SMALL_CONFIG["head_dim"]
+    return SMALL_CONFIG["num_hidden_layers"] * r * ((h + h) + (h + kv))
+
+
+def test_lora_off_trains_everything_lora_on_only_adapters(base):
+    from peft import get_peft_model
+
+    full = load_model(ModelConfig(model_name_or_path=str(base)))
+    trainable, total = count_parameters(full)
+    assert trainable == total > 0
+
+    args = ModelConfig(model_name_or_path=str(base), use_peft=True)
+    config = lora_config(args)
+    assert (config.r, config.lora_alpha, config.lora_dropout, config.bias, config.task_type) == (
+        16, 32, 0.05, "none", "CAUSAL_LM"
+    )
+    peft_model = get_peft_model(load_model(args), config)
+    lora_trainable, lora_total = count_parameters(peft_model)
+    assert lora_trainable == lora_parameters(16)
+    assert lora_total == total + lora_parameters(16)
+    assert lora_config(ModelConfig()) is None
+    assert lora_config(args, task_type="SEQ_CLS").task_type == "SEQ_CLS"
+
+
+def test_quantization_configs():
+    assert quantization_config(ModelConfig()) is None
+    eight = quantization_config(ModelConfig(load_in_8bit=True))
+    assert eight.load_in_8bit and not eight.load_in_4bit
+    four = quantization_config(ModelConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+    assert four.load_in_4bit and four.bnb_4bit_quant_type == "nf4" and four.bnb_4bit_compute_dtype == torch.float32
+    assert modeling.kbit_device_map() == {"": "cpu"}  # no accelerator here
+
+
+def test_missing_bitsandbytes_names_the_extra(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(MissingDependencyError, match=r"pip install 'stackllama\[bitsandbytes\]'"):
+        quantization_config(ModelConfig(load_in_8bit=True))
+
+
+def test_quantized_base_needs_lora(base):
+    with pytest.raises(ValueError, match="--use_peft"):
+        load_model(ModelConfig(model_name_or_path=str(base), load_in_8bit=True))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kbit_model_is_quantized_and_frozen(base, bits):
+    args = ModelConfig(model_name_or_path=str(base), use_peft=True, **{f"load_in_{bits}bit": True})
+    model = load_model(args)
+    assert getattr(model, f"is_loaded_in_{bits}bit")
+    assert count_parameters(model)[0] == 0  # prepare_model_for_kbit_training froze the base
+    layer = model.model.layers[0].self_attn.q_proj
+    assert type(layer).__name__ == ("Linear8bitLt" if bits == 8 else "Linear4bit")
+
+
+def test_missing_model_and_bad_path_errors(tmp_path):
+    with pytest.raises(ValueError, match="--model_name_or_path"):
+        load_model(ModelConfig())
+    with pytest.raises(ModelLoadError, match="local folder"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_ensure_pad_token_prefers_unk_then_eos(base):
+    tokenizer = load_tokenizer(str(base))
+    assert tokenizer.pad_token == "<pad>"  # an existing pad is kept
+    tokenizer.pad_token = None
+    ensure_pad_token(tokenizer)
+    assert tokenizer.pad_token == tokenizer.eos_token
+    tokenizer.pad_token = None
+    tokenizer.unk_token = "<s>"
+    ensure_pad_token(tokenizer)
+    assert tokenizer.pad_token == "<s>"
+
+
+def test_merge_lora_matches_adapter_outputs(base, tmp_path):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    args = ModelConfig(model_name_or_path=str(base), use_peft=True)
+    model = get_peft_model(load_model(args), lora_config(args))
+    with torch.no_grad():  # a non-zero adapter, so merging matters
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    model.eval()
+    model.save_pretrained(tmp_path / "adapter")
+    merged_dir = merge_lora(tmp_path / "adapter", tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    ids = torch.tensor([[0, 5, 9, 13, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+    assert (merged_dir / "model.safetensors").is_file() and (merged_dir / "tokenizer.json").is_file()
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        merge_lora(base, tmp_path / "nothing")

@@ -1,0 +1,152 @@
+"""Reward modeling, the third stage of the StackLLaMA recipe.
+
+Trains the SFT model with a one-output classification head to score `response_j` above
+`response_k` (loss `-logsigmoid(r_j - r_k)`, TRL's `RewardTrainer`), then reports accuracy on
+the held-out `evaluation` pairs, overall and by `pm_score` gap, beside the untrained model.
+
+CPU, no download (starts from runs/tiny/sft-merged):
+```bash
+python scripts/reward_modeling.py --config configs/reward/tiny.yaml
+python scripts/reward_modeling.py --config configs/reward/tiny.yaml --eval_only   # evaluate the saved model
+```
+
+The recipe (LLaMA-7B SFT model, LoRA r=8, bf16, 8 GPUs):
+```bash
+accelerate launch --multi_gpu --num_processes 8 scripts/reward_modeling.py --config configs/reward/llama-7b.yaml
+```
+"""
+
+import logging
+import time
+
+from trl import ModelConfig, RewardConfig
+
+from stackllama.cli import fail, parse_args
+from stackllama.data.loading import load_pairs
+from stackllama.modeling import (
+    MissingDependencyError,
+    ModelLoadError,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    lora_config,
+    merge_lora,
+)
+from stackllama.reward import (
+    RewardScriptArguments,
+    default_sft_model,
+    evaluate_pairs,
+    format_metrics,
+    load_reward_model,
+    tokenize_pairs,
+    write_model_card,
+    write_results,
+)
+from stackllama.sft import check_data_dir, configure_reporting, setup_logging
+
+logger = logging.getLogger("stackllama.reward")
+
+
+def main(script_args: RewardScriptArguments, training_args: RewardConfig, model_args: ModelConfig) -> dict:
+    start = time.time()
+    configure_reporting(training_args)
+    check_data_dir(script_args.data_dir)
+    results = {"data_dir": script_args.data_dir, "max_length": training_args.max_length,
+               "use_peft": model_args.use_peft}
+
+    # Model and tokenizer: the SFT model with a fresh score head, or a saved reward model (--eval_only)
+    if script_args.eval_only:
+        path = model_args.model_name_or_path or training_args.output_dir
+        model, tokenizer = load_reward_model(path, dtype=model_args.dtype,
+                                             trust_remote_code=training_args.trust_remote_code)
+        base_model = path
+    else:
+        base_model = model_args.model_name_or_path or default_sft_model(training_args.output_dir)
+        model_args.model_name_or_path = base_model
+        tokenizer = load_tokenizer(base_model, revision=model_args.model_revision, task="seq_cls",
+                                   trust_remote_code=training_args.trust_remote_code)
+        model = load_model(model_args, tokenizer, task="seq_cls", num_labels=1,
+                           trust_remote_code=training_args.trust_remote_code,
+                           gradient_checkpointing=training_args.activation_checkpointing,
+                           gradient_checkpointing_kwargs=training_args.activation_checkpointing_kwargs)
+    results["base_model"] = base_model
+
+    # Data: pairs tokenized as `Question: q\n\nAnswer: a<eos>`, the over-long ones dropped and counted
+    eval_pairs = load_pairs(script_args.data_dir, script_args.eval_subset)
+    if script_args.max_eval_pairs is not None:
+        eval_pairs = eval_pairs.select(range(min(script_args.max_eval_pairs, len(eval_pairs))))
+    eval_dataset, results["eval_pairs_dropped"] = tokenize_pairs(eval_pairs, tokenizer, training_args.max_length)
+    results["eval_pairs"] = len(eval_dataset)
+    batch_size = training_args.per_device_eval_batch_size
+
+    if script_args.eval_only:
+        results["eval_after"] = evaluate_pairs(model, tokenizer, eval_dataset, batch_size)
+        logger.info("evaluation of %s\n%s", base_model, format_metrics(results["eval_after"]))
+        return results
+
+    train_pairs = load_pairs(script_args.data_dir, script_args.train_subset).shuffle(seed=training_args.seed)
+    if script_args.max_train_pairs is not None:
+        train_pairs = train_pairs.select(range(min(script_args.max_train_pairs, len(train_pairs))))
+    train_dataset, results["train_pairs_dropped"] = tokenize_pairs(train_pairs, tokenizer, training_args.max_length)
+    results["train_pairs"] = len(train_dataset)
+    logger.info("pairs: %d train (%d longer than %s tokens dropped), %d eval (%d dropped)", results["train_pairs"],
+                results["train_pairs_dropped"], training_args.max_length, results["eval_pairs"],
+                results["eval_pairs_dropped"])
+    if results["train_pairs"] == 0:
+        raise ValueError(f"no training pair fits in --max_length {training_args.max_length}")
+
+    if script_args.eval_before_training:
+        results["eval_before"] = evaluate_pairs(model, tokenizer, eval_dataset, batch_size)
+        logger.info("untrained model\n%s", format_metrics(results["eval_before"]))
+
+    # Trainer: TRL's RewardTrainer (pairwise loss, accuracy and margin in its logs)
+    from trl import RewardTrainer
+
+    trainer = RewardTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset.remove_columns("gap") if training_args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        peft_config=lora_config(model_args, task_type="SEQ_CLS"),
+    )
+    trainable, total = count_parameters(trainer.model)
+    logger.info("parameters: %s trainable of %s", f"{trainable:,}", f"{total:,}")
+
+    # Train, then evaluate on the held-out pairs
+    train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    results["train_loss"] = train_output.training_loss
+    results["global_step"] = train_output.global_step
+    results["train_runtime_s"] = train_output.metrics.get("train_runtime")
+    results["eval_after"] = evaluate_pairs(trainer.model, tokenizer, eval_dataset, batch_size)
+    logger.info("trained model\n%s", format_metrics(results["eval_after"]))
+    trainer.log({f"final_eval_{k}": v for k, v in results["eval_after"].items() if isinstance(v, float)})
+
+    # Save: adapter (with the score head) or full weights, tokenizer, card; merged weights on request
+    trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(training_args.output_dir)
+        if script_args.merge:
+            merged_dir = script_args.merged_output_dir or training_args.output_dir.rstrip("/") + "-merged"
+            if model_args.use_peft:
+                merge_lora(training_args.output_dir, merged_dir, base_model=base_model, dtype=script_args.merge_dtype,
+                           task="seq_cls", trust_remote_code=training_args.trust_remote_code)
+            else:
+                trainer.model.save_pretrained(merged_dir, safe_serialization=True)
+                tokenizer.save_pretrained(merged_dir)
+            results["merged_output_dir"] = merged_dir
+        results["wall_time_s"] = round(time.time() - start, 1)
+        write_model_card(training_args.output_dir, base_model, script_args.data_dir, results)
+        path = write_results(training_args.output_dir, results)
+        logger.info("reward modeling done in %.0f s; results in %s", results["wall_time_s"], path)
+    trainer.accelerator.end_training()
+    return results
+
+
+if __name__ == "__main__":
+    setup_logging()
+    args = parse_args((RewardScriptArguments, RewardConfig, ModelConfig), description=__doc__)
+    try:
+        main(*args)
+    except (ValueError, FileNotFoundError, MissingDependencyError, ModelLoadError) as error:
+        fail(str(error))

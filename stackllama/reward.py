@@ -1,0 +1,274 @@
+"""Reward modeling: the pieces behind `scripts/reward_modeling.py`.
+
+The reward model is the SFT model with a one-output sequence-classification head: it
+reads `Question: q\\n\\nAnswer: a<eos>` and returns a scalar, taken at the last non-pad
+token (the EOS). It is trained on the `reward` pairs with the pairwise loss
+`-logsigmoid(r_j - r_k)` (`response_j` preferred), which is exactly TRL's `RewardTrainer`
+once a pair is mapped to its `chosen` / `rejected` form, so TRL does the training.
+
+What is added here:
+- pairs are tokenized up front so that pairs longer than `max_length` are dropped *and
+  counted* (TRL drops them silently);
+- `evaluate_pairs` reports accuracy, mean margin and accuracy by `pm_score` gap (1, 2, 3+),
+  beside the "longer answer wins" baseline that a length-only model would reach;
+- `load_reward_model` / `score_texts` load a saved model (full weights or a LoRA adapter)
+  and score text, for `--eval_only` and for the PPO stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .data.template import format_example
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "reward_results.json"  # written last: its presence marks a completed stage
+GAP_BUCKETS = ("1", "2", "3+")
+
+
+@dataclass
+class RewardScriptArguments:
+    """Arguments of `scripts/reward_modeling.py` beside TRL's `RewardConfig` and `ModelConfig`."""
+
+    data_dir: str = field(
+        default="runs/tiny/data",
+        metadata={"help": "Output folder of scripts/prepare_data.py, or a Hub dataset id with the data/<subset> layout."},
+    )
+    train_subset: str = field(default="reward", metadata={"help": "Paired subset to train on."})
+    eval_subset: str = field(default="evaluation", metadata={"help": "Paired subset to evaluate on (held out)."})
+    max_train_pairs: int | None = field(default=None, metadata={"help": "Train on at most this many pairs "
+                                                                        "(the recipe: 100000)."})
+    max_eval_pairs: int | None = field(default=None, metadata={"help": "Evaluate on at most this many pairs "
+                                                                       "(the recipe: 50000)."})
+    eval_only: bool = field(default=False, metadata={
+        "help": "Only evaluate a saved reward model (--model_name_or_path, default: output_dir); no training."})
+    eval_before_training: bool = field(default=True, metadata={
+        "help": "Evaluate the untrained model (random score head) first, as the baseline."})
+    merge: bool = field(default=False, metadata={
+        "help": "Also write merged full weights (LoRA merged into a 16/32-bit base) to --merged_output_dir."})
+    merged_output_dir: str | None = field(default=None, metadata={
+        "help": "Where --merge writes the full model; default: <output_dir>-merged."})
+    merge_dtype: str = field(default="float32", metadata={"help": "dtype of the merged weights."})
+
+
+# --------------------------------------------------------------------------- data
+
+
+def reward_text(question: str, answer: str, eos_token: str) -> str:
+    """What the reward model reads: the shared template, then EOS, where the score is taken."""
+    return format_example(question, answer) + eos_token
+
+
+def tokenize_pairs(dataset, tokenizer, max_length: int | None, num_proc: int | None = None):
+    """`chosen_ids` / `rejected_ids` (response_j / response_k) and the `pm_score` gap of every pair.
+
+    Pairs where either side is longer than `max_length` tokens are dropped, not truncated
+    (a truncated answer would be judged on text the model never sees the end of).
+    Returns `(dataset, dropped)`.
+    """
+    eos = tokenizer.eos_token
+    has_scores = "pm_score_j" in dataset.column_names
+
+    def tokenize(batch):
+        chosen = tokenizer([reward_text(q, a, eos) for q, a in zip(batch["question"], batch["response_j"])])
+        rejected = tokenizer([reward_text(q, a, eos) for q, a in zip(batch["question"], batch["response_k"])])
+        gaps = ([j - k for j, k in zip(batch["pm_score_j"], batch["pm_score_k"])] if has_scores
+                else [-1] * len(batch["question"]))
+        return {"chosen_ids": chosen["input_ids"], "rejected_ids": rejected["input_ids"], "gap": gaps}
+
+    tokenized = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, num_proc=num_proc,
+                            desc="Tokenizing pairs")
+    if max_length is None:
+        return tokenized, 0
+    kept = tokenized.filter(lambda ex: len(ex["chosen_ids"]) <= max_length and len(ex["rejected_ids"]) <= max_length,
+                            num_proc=num_proc, desc=f"Dropping pairs > {max_length} tokens")
+    return kept, len(tokenized) - len(kept)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def pad_right(sequences: list[list[int]], pad_token_id: int):
+    """(input_ids, attention_mask) with right padding, as the reward trainer's collator pads."""
+    import torch
+
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def score_ids(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 16):
+    """The reward of each token-id sequence (a 1-D float tensor), in batches, without gradients."""
+    import torch
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths: less padding
+    scores = torch.empty(len(sequences))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask = pad_right([sequences[i] for i in idx], pad_token_id)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            scores[idx] = logits[:, 0].float().cpu()
+    model.train(was_training)
+    return scores
+
+
+def score_texts(model, tokenizer, texts: list[str], batch_size: int = 16, add_eos: bool = True):
+    """Rewards of full texts (`Question: ...\\n\\nAnswer: ...`); EOS appended as in training."""
+    suffix = tokenizer.eos_token if add_eos else ""
+    sequences = [tokenizer(t if t.endswith(suffix) else t + suffix)["input_ids"] for t in texts]
+    return score_ids(model, sequences, tokenizer.pad_token_id, batch_size)
+
+
+def pairwise_loss(rewards_j, rewards_k):
+    """`-logsigmoid(r_j - r_k)` averaged over pairs: the loss TRL's RewardTrainer minimises."""
+    import torch.nn.functional as F
+
+    return -F.logsigmoid(rewards_j - rewards_k).mean()
+
+
+def pair_metrics(rewards_j, rewards_k, gaps=None, length_j=None, length_k=None) -> dict:
+    """Accuracy (share with r_j > r_k), mean margin, accuracy per pm_score gap, length baseline."""
+    import torch
+
+    rewards_j, rewards_k = torch.as_tensor(rewards_j, dtype=torch.float), torch.as_tensor(rewards_k, dtype=torch.float)
+    correct = (rewards_j > rewards_k).float()
+    metrics = {
+        "pairs": len(correct),
+        "accuracy": correct.mean().item() if len(correct) else float("nan"),
+        "mean_margin": (rewards_j - rewards_k).mean().item() if len(correct) else float("nan"),
+    }
+    if gaps is not None:
+        gaps = torch.as_tensor(gaps)
+        by_gap = {}
+        for bucket, mask in (("1", gaps == 1), ("2", gaps == 2), ("3+", gaps >= 3)):
+            n = int(mask.sum())
+            by_gap[bucket] = {"pairs": n, "accuracy": correct[mask].mean().item() if n else None}
+        metrics["accuracy_by_gap"] = by_gap
+    if length_j is not None:
+        lj, lk = torch.as_tensor(length_j, dtype=torch.float), torch.as_tensor(length_k, dtype=torch.float)
+        metrics["longer_answer_baseline"] = ((lj > lk).float() + 0.5 * (lj == lk).float()).mean().item()
+    return metrics
+
+
+def evaluate_pairs(model, tokenizer, tokenized, batch_size: int = 16) -> dict:
+    """`pair_metrics` of a model on a `tokenize_pairs` dataset."""
+    chosen, rejected = list(tokenized["chosen_ids"]), list(tokenized["rejected_ids"])
+    scores = score_ids(model, chosen + rejected, tokenizer.pad_token_id, batch_size)
+    n = len(chosen)
+    return pair_metrics(scores[:n], scores[n:], gaps=list(tokenized["gap"]),
+                        length_j=[len(c) for c in chosen], length_k=[len(r) for r in rejected])
+
+
+# --------------------------------------------------------------------------- models
+
+
+def default_sft_model(output_dir: str) -> str:
+    """The SFT stage's model beside this run's output: merged weights if present, else the SFT folder."""
+    run = Path(output_dir).resolve().parent
+    for candidate in (run / "sft-merged", run / "sft"):
+        if (candidate / "config.json").is_file():
+            return str(candidate)
+    raise FileNotFoundError(
+        f"no SFT model in {run / 'sft-merged'} or {run / 'sft'} (full weights): run scripts/sft.py with --merge "
+        "first, or pass --model_name_or_path"
+    )
+
+
+def load_reward_model(path: str, dtype: str | None = None, trust_remote_code: bool = False):
+    """(model, tokenizer) of a saved reward model: full weights, or a LoRA adapter over its base.
+
+    Works for the stage's own output and for any one-label sequence classifier on the Hub.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    from .modeling import load_tokenizer, torch_dtype
+
+    folder = Path(path)
+    tokenizer = load_tokenizer(path, task="seq_cls", trust_remote_code=trust_remote_code)
+    kwargs = dict(num_labels=1, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+    if (folder / "adapter_config.json").is_file():
+        from peft import PeftConfig, PeftModel
+
+        base = PeftConfig.from_pretrained(path).base_model_name_or_path
+        model = AutoModelForSequenceClassification.from_pretrained(base, **kwargs)
+        model = PeftModel.from_pretrained(model, path)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return model, tokenizer
+
+
+def write_results(output_dir: str, results: dict) -> Path:
+    """`reward_results.json`, written atomically as the stage's last act (its completion marker)."""
+    path = Path(output_dir) / RESULTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def format_metrics(metrics: dict) -> str:
+    """One readable block of evaluation figures."""
+    lines = [f"pairs {metrics['pairs']}: accuracy {metrics['accuracy']:.3f}, mean margin {metrics['mean_margin']:.3f}"]
+    for bucket, m in metrics.get("accuracy_by_gap", {}).items():
+        acc = "n/a" if m["accuracy"] is None else f"{m['accuracy']:.3f}"
+        lines.append(f"  pm_score gap {bucket:>2}: accuracy {acc} ({m['pairs']} pairs)")
+    if "longer_answer_baseline" in metrics:
+        lines.append(f"  'longer answer wins' baseline: {metrics['longer_answer_baseline']:.3f}")
+    return "\n".join(lines)
+
+
+def write_model_card(output_dir: str, base_model: str, data: str, results: dict) -> Path:
+    """README.md of the saved reward model: what it is, its figures, how to score text with it."""
+    after, before = results.get("eval_after"), results.get("eval_before")
+    rows = []
+    for name, m in (("untrained (random head)", before), ("trained", after)):
+        if m:
+            gaps = " / ".join("n/a" if g["accuracy"] is None else f"{g['accuracy']:.3f}"
+                              for g in m["accuracy_by_gap"].values())
+            rows.append(f"| {name} | {m['accuracy']:.3f} | {m['mean_margin']:.3f} | {gaps} |")
+    baseline = (after or before or {}).get("longer_answer_baseline")
+    kind = "LoRA adapter (score head trained in full)" if results.get("use_peft") else "full weights"
+    text = f"""---
+library_name: {"peft" if results.get("use_peft") else "transformers"}
+tags: [stackllama, reward-model, trl, stack-exchange]
+---
+# {Path(output_dir).name}: StackLLaMA reward model
+
+The reward-model stage of the StackLLaMA recipe: `{base_model}` with a one-output
+sequence-classification head ({kind}), trained on `{data}` `reward` pairs with the loss
+`-logsigmoid(r_j - r_k)`. It reads `Question: <q>\\n\\nAnswer: <a><eos>` and scores at the EOS.
+
+- training pairs: {results.get("train_pairs")} ({results.get("train_pairs_dropped", 0)} dropped as longer than {results.get("max_length")} tokens)
+- evaluation pairs: {results.get("eval_pairs")} ({results.get("eval_pairs_dropped", 0)} dropped)
+
+| model | accuracy | mean margin | accuracy by pm_score gap 1 / 2 / 3+ |
+|---|---|---|---|
+{chr(10).join(rows)}
+
+A model that only prefers the longer answer would reach {baseline if baseline is None else f"{baseline:.3f}"} on these pairs.
+
+```python
+from transformers import pipeline
+scorer = pipeline("text-classification", model={output_dir!r}, function_to_apply="none")
+scorer("Question: How fine should I grind for pour-over?\\n\\nAnswer: Medium, like sea salt.</s>")
+```
+"""
+    path = Path(output_dir) / "README.md"
+    path.write_text(text)
+    return path

@@ -1,0 +1,179 @@
+"""Configuration of the PPO trainer.
+
+Field names follow TRL 0.11's ``PPOConfig`` so that the recipe's scripts read the same, and
+every default reproduces TRL 0.11's ``PPOTrainer.step`` *except* the options marked
+**[fix]**: those correct what the old trainer got wrong. Each fix is chosen so that it
+changes nothing for the recipe's own settings when the old behaviour was already right
+(temperature 1, no dropout, finite ratios) and only matters where the old one was wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class PPOConfig:
+    # ------------------------------------------------------------------ run
+    exp_name: str = "ppo"
+    """Name of the run (tracker run name)."""
+    seed: int = 0
+    """Seed; process ``i`` samples with ``seed + i`` (LMHP; TRL used the same seed on every
+    rank, which makes ranks draw correlated samples)."""
+    steps: int = 20000
+    """Planned number of PPO steps; the ``linear`` learning-rate schedule reaches 0 there."""
+    log_with: Optional[str] = None
+    """Accelerate tracker (``wandb``, ``tensorboard``...) or None."""
+    tracker_project_name: str = "stackllama"
+    tracker_kwargs: dict = field(default_factory=dict)
+    accelerator_kwargs: dict = field(default_factory=dict)
+    """Extra ``accelerate.Accelerator`` arguments, e.g. ``{"mixed_precision": "bf16"}``."""
+    project_kwargs: dict = field(default_factory=dict)
+    bf16_autocast: bool = False
+    """Run every forward pass (sampling, rollout, updates) under bf16 autocast (accelerate
+    ``mixed_precision="bf16"``); log-probs, values and losses stay fp32. Off by default:
+    the recipe's numerics are fp32 (its 8-bit base computes in fp16/fp32). Implemented
+    with ``torch.autocast`` (not accelerate's ``mixed_precision``, whose process-wide state
+    cannot change once set)."""
+    log_jsonl: Optional[str] = None
+    """If set, ``log_stats`` appends one JSON line of scalar stats (and sample rows) here."""
+
+    # ------------------------------------------------------------------ batch geometry
+    batch_size: int = 128
+    """Rollouts per PPO step and process."""
+    mini_batch_size: int = 128
+    """Sequences per forward/backward in the update epochs."""
+    gradient_accumulation_steps: int = 1
+    """Minibatches whose gradients are summed before one optimizer step."""
+    ppo_epochs: int = 4
+    """Passes over the rollout batch, each over freshly shuffled minibatches."""
+    rollout_batch_size: Optional[int] = None
+    """Chunk size of the no-grad rollout forward passes (None: ``mini_batch_size``)."""
+    generation_batch_size: int = 4
+    """Prompts per ``generate`` call (TRL's default 4); left-padded, KV cache on."""
+
+    # ------------------------------------------------------------------ optimizer
+    learning_rate: float = 1.41e-5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    adam_eps_tf_style: bool = False
+    """False: PyTorch Adam (``eps`` added to ``sqrt(v_hat)``, TRL). True: TensorFlow/LMHP
+    Adam, step ``lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)``: eps outside the bias
+    correction, which with LMHP's eps 1e-5 damps the first updates. Default False to keep
+    the recipe's optimizer."""
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    """``constant`` (TRL, the recipe's run) or ``linear``: ``lr_k = lr (1 - k / steps)``
+    for PPO step ``k`` (LMHP). Default constant to reproduce the recipe."""
+    max_grad_norm: Optional[float] = None
+    """Clip the global gradient norm before each optimizer step (None: no clipping)."""
+
+    # ------------------------------------------------------------------ PPO
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    whiten_unbiased: bool = True
+    """Bessel-corrected variance when whitening (TRL); False = biased (LMHP)."""
+    early_stopping: bool = False
+    """Stop the epochs once the last minibatch's ``policy/policykl`` > 1.5 x ``target_kl``."""
+    target_kl: float = 1.0
+    ratio_threshold: float = 10.0
+    """A minibatch whose mean ratio ``mean_m(pi / pi_old)`` exceeds this is skipped."""
+    ratio_threshold_skips_step: bool = True
+    """**[fix]** True: a skipped minibatch adds no gradient and, if nothing else in its
+    accumulation window contributes, the optimizer does not step at all, so the weights do
+    not move. False: TRL 0.11 (zeroed loss, but Adam still stepped on its momentum)."""
+
+    # ------------------------------------------------------------------ KL
+    adap_kl_ctrl: bool = True
+    init_kl_coef: float = 0.2
+    kl_penalty: str = "kl"
+    """Per-token KL estimator: ``kl``, ``abs``, ``mse`` or ``full`` (see core.kl_penalty)."""
+    target: float = 6.0
+    horizon: float = 10000.0
+    negative_kl_warning: float = 0.0
+    """Warn (with the likely causes) when the batch mean KL is below ``-this``. TRL warned
+    only below -1; a negative mean KL is impossible for the true KL, so we warn below 0."""
+
+    # ------------------------------------------------------------------ scores
+    use_score_scaling: bool = False
+    use_score_norm: bool = False
+    score_clip: Optional[float] = None
+    whiten_rewards: bool = False
+    missing_eos_penalty: Optional[float] = None
+    """**[fix]** Subtract this from the score of every response that never emitted EOS or
+    a stop token ("EOS trick"); None: off (TRL 0.11 had no such option)."""
+
+    # ------------------------------------------------------------------ rollouts
+    scale_logits_by_temperature: bool = True
+    """**[fix]** Divide logits by the sampling temperature in every log-prob (rollout,
+    reference, update), so that ``pi_old`` is the distribution that was sampled. TRL 0.11
+    always used temperature 1. Identical to TRL for the recipe (temperature 1)."""
+    temperature: Optional[float] = None
+    """Temperature of the log-probs; None: the one the last ``generate`` call sampled with
+    (1.0 before any call). Set it when responses come from elsewhere."""
+    rollout_in_eval_mode: bool = True
+    """**[fix]** Generate and compute the rollout log-probs/values with dropout off. TRL 0.11
+    left the model in train mode after the first update, so LoRA / value-head dropout was
+    active while sampling and in ``pi_old``. Updates still run in train mode (TRL)."""
+    reuse_generation_logprobs: bool = True
+    """Speed: take ``log pi_old`` and ``V_old`` of the responses from the forward passes
+    ``generate`` already ran (the LM head's input and output at each sampled token),
+    instead of a second no-grad pass of the policy. Equal to the recomputed values to
+    float tolerance (KV cache vs full pass; tested). Used only when ``step`` receives
+    exactly the responses of the last ``generate`` call and no update happened in
+    between, and not with ``kl_penalty="full"``, ``bf16_autocast`` or a 4/8-bit base
+    (there the cached and full passes round differently, so the first ratio would not be
+    1); otherwise the pass is recomputed."""
+    position_ids_from_attention_mask: bool = True
+    """**[fix]** Pass ``position_ids = cumsum(attention_mask) - 1`` in every forward pass, so
+    that left padding does not shift positions (``generate`` already does this). TRL 0.11
+    used ``arange`` positions, which changes models with absolute positions."""
+    stop_token_ids: Optional[list[int]] = None
+    """**[fix]** Extra stop tokens: responses are cut after the first EOS or stop token
+    (kept). TRL cut only at EOS."""
+    stop_after: int = 0
+    """Stop tokens count only at response position >= this (LMHP: "." after 16 tokens).
+    EOS always counts."""
+    allow_eos_suppression: bool = False
+    """False: ``generate`` refuses ``min_length`` / ``min_new_tokens``, which forbid EOS
+    while sampling, so the sampled distribution is not the model's and the KL to the
+    reference (computed on the model's probabilities) is biased, often negative.
+    True: warn instead."""
+
+    # ------------------------------------------------------------------ reward-hacking monitor
+    degenerate_share_threshold: float = 0.5
+    """Warn when more than this share of a batch's responses is degenerate (below)."""
+    degenerate_token_share: float = 0.5
+    """A response is degenerate when one token is more than this share of its tokens
+    (at least ``degenerate_min_tokens`` tokens)..."""
+    degenerate_line_share: float = 0.5
+    """...or one non-empty line is more than this share of its (at least 3) lines."""
+    degenerate_min_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        from .core import KL_PENALTIES
+
+        if self.kl_penalty not in KL_PENALTIES:
+            raise ValueError(f"kl_penalty must be one of {KL_PENALTIES}, got {self.kl_penalty!r}")
+        if self.lr_schedule not in ("constant", "linear"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'linear', got {self.lr_schedule!r}")
+        if self.use_score_norm and not self.use_score_scaling:
+            raise ValueError("use_score_norm needs use_score_scaling=True (as in TRL).")
+        for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.stop_token_ids is not None:
+            self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+
+    @property
+    def backward_batch_size(self) -> int:
+        """Sequences per optimizer step: ``mini_batch_size * gradient_accumulation_steps``."""
+        return self.mini_batch_size * self.gradient_accumulation_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

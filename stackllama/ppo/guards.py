@@ -1,0 +1,141 @@
+"""Checks for the failure modes the recipe's users reported (docs/recipe-reference.md):
+generation settings that bias the KL, reward hacking by degenerate responses, and NaN/inf
+values that must never reach the weights."""
+
+from __future__ import annotations
+
+import collections
+import warnings
+from typing import Iterable, Sequence
+
+import torch
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or inf was found in rewards, loss or gradients; the step was stopped before
+    anything reached the weights."""
+
+
+def check_finite(name: str, tensor: torch.Tensor, hint: str = "") -> None:
+    """Raise :class:`NonFiniteError` naming ``name`` if ``tensor`` holds a NaN or inf."""
+    if not torch.isfinite(tensor).all():
+        bad = (~torch.isfinite(tensor)).sum().item()
+        raise NonFiniteError(
+            f"PPO step stopped: {bad} non-finite value(s) (NaN/inf) in {name}; the weights and the "
+            f"optimizer state were not updated by this minibatch. {hint}".strip()
+        )
+
+
+def check_generation_kwargs(kwargs: dict, generation_config, vocab_size: int, allow_eos_suppression: bool) -> None:
+    """Refuse or warn on sampling settings under which the KL estimate is biased.
+
+    - ``min_length`` / ``min_new_tokens`` forbid EOS while sampling: the sampled
+      distribution is no longer the model's, the per-token KL (from the model's
+      probabilities) is biased and typically goes negative. Refused unless allowed.
+    - ``eos_token_id`` outside the vocabulary (the published script's 100_000): generation
+      never stops at EOS; warned.
+    - ``top_k > 0``, ``top_p < 1``, greedy decoding: samples are not from ``pi``; warned.
+    """
+
+    def effective(name, default=None):
+        return effective_generation_param(name, kwargs, generation_config, default)
+
+    min_new = effective("min_new_tokens") or 0
+    min_len = effective("min_length", 0) or 0
+    if min_new > 0 or min_len > 0:
+        msg = (
+            f"generation with min_new_tokens={min_new} / min_length={min_len} suppresses EOS while sampling, "
+            "so responses are not samples of the policy and the KL penalty (computed from the policy's "
+            "probabilities on the truncated response) is biased and can go negative. Remove it, or set "
+            "PPOConfig(allow_eos_suppression=True) to proceed anyway."
+        )
+        if not allow_eos_suppression:
+            raise ValueError(msg)
+        warnings.warn(msg, stacklevel=3)
+    eos = kwargs.get("eos_token_id")
+    if eos is not None:
+        ids = eos if isinstance(eos, (list, tuple)) else [eos]
+        if any(int(i) >= vocab_size or int(i) < 0 for i in ids):
+            warnings.warn(
+                f"eos_token_id={eos} is outside the vocabulary ({vocab_size}): generation will never stop at "
+                "EOS (the published StackLLaMA script did this). Responses are still cut after the "
+                "tokenizer's EOS.",
+                stacklevel=3,
+            )
+    if not effective("do_sample", False):
+        warnings.warn("do_sample is off: PPO needs samples from the policy.", stacklevel=3)
+    top_k = effective("top_k", 0) or 0
+    top_p = effective("top_p", 1.0)
+    top_p = 1.0 if top_p is None else top_p
+    if top_k > 0 or top_p < 1.0:
+        warnings.warn(
+            f"sampling with top_k={top_k} / top_p={top_p} truncates the policy's distribution, so the "
+            "log-probs and KL do not describe what was sampled; the recipe uses top_k=0, top_p=1.0 "
+            "(note that transformers' default top_k is 50 when not given).",
+            stacklevel=3,
+        )
+
+
+def effective_generation_param(name: str, kwargs: dict, generation_config, default=None):
+    """The value ``generate`` will use: the call's kwarg, else the model's generation config,
+    else transformers' built-in default (e.g. ``top_k=50`` when nothing sets it)."""
+    if kwargs.get(name) is not None:
+        return kwargs[name]
+    value = getattr(generation_config, name, None) if generation_config is not None else None
+    if value is None:
+        try:
+            from transformers import GenerationConfig
+
+            value = GenerationConfig._get_default_generation_params().get(name)
+        except AttributeError:  # older transformers: defaults live on the config itself
+            value = None
+    return default if value is None else value
+
+
+def degenerate_mask(
+    responses: Sequence[torch.Tensor],
+    texts: Sequence[str] | None,
+    token_share: float = 0.5,
+    line_share: float = 0.5,
+    min_tokens: int = 8,
+) -> torch.Tensor:
+    """Per response, True when it is dominated by one repeated token or one repeated line.
+
+    Token: the most frequent token id is more than ``token_share`` of the response's tokens
+    (responses of at least ``min_tokens`` tokens). Line: with at least 3 non-empty lines, the
+    most frequent stripped line is more than ``line_share`` of them (the recipe's answers of
+    nothing but ```` ``` ````).
+    """
+    flags = []
+    for i, r in enumerate(responses):
+        flag = False
+        if r.numel() >= min_tokens:
+            counts = torch.bincount(r.long().flatten() - r.min().long())
+            flag = counts.max().item() > token_share * r.numel()
+        if not flag and texts is not None:
+            lines = [ln.strip() for ln in texts[i].splitlines() if ln.strip()]
+            if len(lines) >= 3:
+                flag = collections.Counter(lines).most_common(1)[0][1] > line_share * len(lines)
+        flags.append(flag)
+    return torch.tensor(flags, dtype=torch.bool)
+
+
+def negative_kl_message(mean_kl: float) -> str:
+    return (
+        f"mean KL to the reference is negative ({mean_kl:.4f}); the true KL cannot be. Likely causes: "
+        "generation that does not sample from the policy (min_length/min_new_tokens suppressing EOS, "
+        "top_k/top_p, a temperature the log-probs do not use), padding or position ids that differ "
+        "between generation and scoring, or dropout active while sampling. Small negative values "
+        "are also sampling noise of the k1 estimator when the KL is near zero."
+    )
+
+
+def flatten_stop_ids(*groups: Iterable[int] | int | None) -> list[int]:
+    out: list[int] = []
+    for g in groups:
+        if g is None:
+            continue
+        if isinstance(g, int):
+            g = [g]
+        out.extend(int(x) for x in g)
+    return sorted(set(out))

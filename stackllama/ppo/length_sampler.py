@@ -1,0 +1,19 @@
+"""Response-length sampler of the recipe: ``LengthSampler(32, 128)`` draws the
+``max_new_tokens`` of each generation batch uniformly from ``[min_value, max_value)``."""
+
+from __future__ import annotations
+
+import random
+
+
+class LengthSampler:
+    """Uniform integer in ``[min_value, max_value)`` (upper bound excluded, as in TRL)."""
+
+    def __init__(self, min_value: int, max_value: int, seed: int | None = None) -> None:
+        if max_value <= min_value:
+            raise ValueError(f"LengthSampler needs min_value < max_value, got [{min_value}, {max_value})")
+        self.values = list(range(min_value, max_value))
+        self._rng = random.Random(seed) if seed is not None else random
+
+    def __call__(self) -> int:
+        return self._rng.choice(self.values)

@@ -1,0 +1,718 @@
+"""PPO for language models (Ziegler et al. 2019; Stiennon et al. 2020), the trainer.
+
+Why this is hand-written: TRL removed ``PPOTrainer.step`` (0.11) and then its experimental
+PPO trainer, and no maintained library offers PPO with the recipe's user-facing loop
+(``generate`` -> score -> ``step``). So this project owns one, in the style of cleanRL /
+lm-human-preference-details: one file that reads in the order the algorithm runs
+
+    1. rollout      ``generate``: batched, left-padded sampling with the KV cache;
+                    ``step``: one no-grad pass of the policy (log-probs + values from the
+                    same trunk) and one of the reference (adapters disabled), chunked;
+    2. rewards      ``r_t = -beta KL_t``, plus the score at the last response token;
+    3. advantages   GAE, then whitening over the batch;
+    4. updates      ``ppo_epochs`` x shuffled minibatches, clipped policy + value losses;
+    5. statistics   and the KL-controller update.
+
+The formulas themselves live once, in :mod:`stackllama.ppo.core`.
+
+Batch layout used by every forward pass: queries left-padded to ``Q`` and responses
+right-padded to ``R`` in one ``(B, Q + R)`` tensor, so the response of every row starts at
+column ``Q`` and the logits that predict it are the contiguous slice ``[Q - 1, Q + R - 1)``;
+the LM head is applied to that slice only (no logits for the prompt), and each chunk is
+trimmed to its own longest query/response.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from torch import nn
+from torch.utils.data import DataLoader
+
+from . import core
+from .config import PPOConfig
+from .guards import (
+    NonFiniteError,
+    check_finite,
+    check_generation_kwargs,
+    degenerate_mask,
+    effective_generation_param,
+    flatten_stop_ids,
+    negative_kl_message,
+)
+from .kl_controllers import AdaptiveKLController, FixedKLController
+from .optim import AdamTFStyle
+from .value_head import AutoModelForCausalLMWithValueHead, eval_mode
+
+
+def default_collator(data: Sequence[dict]) -> dict:
+    """The recipe's collator: a dict of lists (tensors of different lengths stay a list)."""
+    return {key: [d[key] for d in data] for key in data[0]}
+
+
+@dataclass
+class RolloutBatch:
+    """One PPO batch in the shared layout (see module docstring)."""
+
+    input_ids: torch.Tensor  # (B, Q + R)
+    attention_mask: torch.Tensor  # (B, Q + R)
+    mask: torch.Tensor  # (B, R) float, 1 on response tokens
+    query_lens: list
+    response_lens: list
+    q_width: int  # Q
+
+
+class PPOTrainer:
+    """``PPOTrainer(config, model, ref_model=None, tokenizer, dataset, data_collator)``.
+
+    ``model``: an :class:`AutoModelForCausalLMWithValueHead`, or a causal LM / PEFT model
+    (wrapped with a fresh value head). ``ref_model``: None with a PEFT model (the reference
+    is the same model with adapters disabled); without PEFT, an explicit frozen model, or
+    None for a frozen deep copy of ``model`` taken now.
+    """
+
+    def __init__(
+        self,
+        config: PPOConfig,
+        model: nn.Module,
+        ref_model: Optional[nn.Module] = None,
+        tokenizer=None,
+        dataset=None,
+        data_collator: Optional[Callable] = None,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+    ) -> None:
+        self.config = config
+        cfg = config
+        self.accelerator = Accelerator(
+            log_with=cfg.log_with,
+            project_config=ProjectConfiguration(**cfg.project_kwargs),
+            **cfg.accelerator_kwargs,
+        )
+        set_seed(cfg.seed + self.accelerator.process_index)
+        if cfg.log_with is not None:
+            self.accelerator.init_trackers(
+                cfg.tracker_project_name, config=cfg.to_dict(), init_kwargs=cfg.tracker_kwargs
+            )
+
+        if not isinstance(model, AutoModelForCausalLMWithValueHead):
+            model = AutoModelForCausalLMWithValueHead(model)
+        self.is_peft_model = model.is_peft_model
+        if ref_model is None and not self.is_peft_model:
+            # An explicit frozen copy: without adapters there is nothing to switch off.
+            ref_model = copy.deepcopy(model.pretrained_model)
+        if ref_model is not None:
+            if isinstance(ref_model, AutoModelForCausalLMWithValueHead):
+                ref_model = ref_model.pretrained_model
+            ref_model.requires_grad_(False)
+            ref_model.eval()
+            if not (getattr(ref_model, "is_loaded_in_8bit", False) or getattr(ref_model, "is_loaded_in_4bit", False)):
+                ref_model.to(self.accelerator.device)
+        self.ref_model = ref_model
+        self.tokenizer = tokenizer
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        if optimizer is None:
+            betas = (cfg.adam_beta1, cfg.adam_beta2)
+            if cfg.adam_eps_tf_style:
+                optimizer = AdamTFStyle(params, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+            else:
+                optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        self.data_collator = data_collator or default_collator
+        self.dataloader = None
+        if dataset is not None:
+            self.dataloader = DataLoader(
+                dataset,
+                batch_size=cfg.batch_size,
+                collate_fn=self.data_collator,
+                shuffle=True,
+                drop_last=True,
+                generator=torch.Generator().manual_seed(cfg.seed),
+            )
+        if self.dataloader is not None:
+            self.model, self.optimizer, self.dataloader = self.accelerator.prepare(model, optimizer, self.dataloader)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.trainable_params = params
+        self.base_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+        if cfg.adap_kl_ctrl:
+            self.kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.target, cfg.horizon)
+        else:
+            self.kl_ctl = FixedKLController(cfg.init_kl_coef)
+        self.running = core.RunningMoments()
+        self.current_step = 0
+        self._perm_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self._sampling_temperature = 1.0
+        self._generation_cache: Optional[list] = None
+        eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+        if eos is None:
+            eos = self.unwrapped_model.generation_config.eos_token_id
+        self.eos_ids = flatten_stop_ids(eos)
+        self.stop_ids = flatten_stop_ids(cfg.stop_token_ids)
+        pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+        self.pad_token_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+
+    def _autocast(self):
+        """bf16 autocast around a forward pass when ``bf16_autocast``, else nothing."""
+        if not self.config.bf16_autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.accelerator.device.type, dtype=torch.bfloat16)
+
+    @property
+    def _reuse_generation(self) -> bool:
+        cfg = self.config
+        return (
+            cfg.reuse_generation_logprobs
+            and cfg.kl_penalty != "full"
+            and not cfg.bf16_autocast
+            and not self.unwrapped_model.is_quantized
+        )
+
+    @property
+    def unwrapped_model(self) -> AutoModelForCausalLMWithValueHead:
+        return self.accelerator.unwrap_model(self.model)
+
+    # =====================================================================================
+    # 1. rollout: sampling
+    # =====================================================================================
+    @torch.no_grad()
+    def generate(
+        self,
+        query_tensor,
+        length_sampler: Optional[Callable[[], int]] = None,
+        batch_size: Optional[int] = None,
+        return_prompt: bool = True,
+        **generation_kwargs,
+    ):
+        """Samples responses in batches of ``batch_size`` left-padded prompts (KV cache on).
+
+        Each response is cut after its first EOS or stop token (kept; stop tokens only from
+        position ``stop_after``). ``length_sampler()`` draws ``max_new_tokens`` per batch.
+        Dropout is off while sampling when ``rollout_in_eval_mode``. The sampling
+        temperature is recorded for the log-probs of the next ``step``.
+        """
+        single = isinstance(query_tensor, torch.Tensor) and query_tensor.dim() == 1
+        queries = [query_tensor] if single else list(query_tensor)
+        model = self.unwrapped_model
+        gen_config = model.generation_config
+        check_generation_kwargs(
+            generation_kwargs, gen_config, model.config.vocab_size, self.config.allow_eos_suppression
+        )
+        do_sample = effective_generation_param("do_sample", generation_kwargs, gen_config, False)
+        temperature = effective_generation_param("temperature", generation_kwargs, gen_config, 1.0)
+        self._sampling_temperature = float(temperature) if do_sample else 1.0
+        generation_kwargs.setdefault("pad_token_id", self.pad_token_id)
+        batch_size = batch_size or self.config.generation_batch_size
+        device = self.accelerator.device
+
+        capture = self._reuse_generation
+        cache = [] if capture else None
+        lm_head = model.causal_lm.get_output_embeddings()
+        outputs = []
+        with eval_mode(model, enabled=self.config.rollout_in_eval_mode):
+            for start in range(0, len(queries), batch_size):
+                chunk = [q.to(device) for q in queries[start : start + batch_size]]
+                kwargs = dict(generation_kwargs)
+                if length_sampler is not None:
+                    kwargs["max_new_tokens"] = length_sampler()
+                input_ids, attention_mask = self._left_pad(chunk)
+                seen = []  # per forward of generate: (last hidden state, last logits)
+                handle = lm_head.register_forward_hook(lambda m, i, o: seen.append((i[0][:, -1], o[:, -1]))) if capture else None
+                try:
+                    with self._autocast():
+                        generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+                finally:
+                    if handle is not None:
+                        handle.remove()
+                new_tokens = generated[:, input_ids.shape[1] :]
+                responses = self._truncate(new_tokens)
+                if capture:
+                    cache.extend(self._score_generation(model, seen, new_tokens, responses))
+                for q, r in zip(chunk, responses):
+                    outputs.append(torch.cat([q, r]) if return_prompt else r)
+        self._generation_cache = cache
+        return outputs[0] if single else outputs
+
+    def _score_generation(self, model, seen, new_tokens, responses) -> list:
+        """``log pi_old`` and ``V_old`` of each sampled token from generate's own passes:
+        forward ``k`` of ``generate`` produced the logits of new token ``k``."""
+        if len(seen) != new_tokens.shape[1]:  # unexpected generate internals: recompute later
+            return [None] * len(responses)
+        hidden = torch.stack([h for h, _ in seen], dim=1)
+        logits = torch.stack([o for _, o in seen], dim=1)
+        temperature = self._logprob_temperature()
+        logprobs = core.logprobs_from_logits(logits, new_tokens, temperature)
+        values = model.v_head(hidden).float()
+        return [(r, lp[: len(r)], v[: len(r)]) for r, lp, v in zip(responses, logprobs, values)]
+
+    def _take_generation_cache(self, responses) -> Optional[list]:
+        """The cached rows if ``responses`` are exactly those of the last ``generate``."""
+        cache, self._generation_cache = self._generation_cache, None
+        if cache is None or len(cache) != len(responses) or any(c is None for c in cache):
+            return None
+        for (r, _, _), resp in zip(cache, responses):
+            if r.shape != resp.shape or not torch.equal(r, resp):
+                return None
+        return cache
+
+    def _left_pad(self, seqs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        lens = torch.tensor([len(s) for s in seqs], device=seqs[0].device)
+        width = int(lens.max())
+        ids = torch.nn.utils.rnn.pad_sequence([s.flip(0) for s in seqs], batch_first=True, padding_value=self.pad_token_id).flip(1)
+        mask = (torch.arange(width, device=ids.device)[None, :] >= (width - lens)[:, None]).long()
+        return ids, mask
+
+    def _stop_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) True where a response may stop: EOS anywhere, stop tokens from ``stop_after``."""
+        stop = torch.isin(tokens, torch.tensor(self.eos_ids, device=tokens.device))
+        if self.stop_ids:
+            late = torch.arange(tokens.shape[1], device=tokens.device)[None, :] >= self.config.stop_after
+            stop |= torch.isin(tokens, torch.tensor(self.stop_ids, device=tokens.device)) & late
+        return stop
+
+    def _truncate(self, generated: torch.Tensor) -> list[torch.Tensor]:
+        """Cut each row after its first stop (vectorised search, one slice per row)."""
+        stop = self._stop_mask(generated)
+        has_stop = stop.any(dim=1)
+        first = stop.float().argmax(dim=1)
+        lengths = torch.where(has_stop, first + 1, torch.full_like(first, generated.shape[1])).tolist()
+        return [row[:n] for row, n in zip(generated, lengths)]
+
+    def _ended(self, responses: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Whether each response ends with EOS or a stop token (else it was cut by length)."""
+        last = torch.stack([r[-1:] for r in responses])  # (B, 1)
+        pos = torch.tensor([len(r) - 1 for r in responses], device=last.device)[:, None]
+        stop = torch.isin(last, torch.tensor(self.eos_ids, device=last.device))
+        if self.stop_ids:
+            stop |= torch.isin(last, torch.tensor(self.stop_ids, device=last.device)) & (pos >= self.config.stop_after)
+        return stop[:, 0]
+
+    # =====================================================================================
+    # the PPO step
+    # =====================================================================================
+    def step(self, queries: list, responses: list, scores: list) -> dict:
+        """One PPO step on a batch of (query, response, score); returns the statistics."""
+        cfg = self.config
+        timing = {}
+        t_start = time.perf_counter()
+        device = self.accelerator.device
+        if not (len(queries) == len(responses) == len(scores)) or len(queries) == 0:
+            raise ValueError(f"step() needs equally many queries/responses/scores, got {len(queries)}/{len(responses)}/{len(scores)}")
+        if any(len(q) == 0 for q in queries) or any(len(r) == 0 for r in responses):
+            raise ValueError("step() got an empty query or response")
+        queries = [q.to(device) for q in queries]
+        responses = [r.to(device) for r in responses]
+        scores = torch.stack([torch.as_tensor(s, dtype=torch.float32).reshape(()) for s in scores]).to(device)
+        check_finite("rewards (scores passed to step)", scores, "Check the reward model / reward function output.")
+        raw_scores = scores.clone()
+
+        # --- scores: missing-EOS penalty (on the raw score), scaling / normalisation, clipping
+        ended = self._ended(responses)
+        if cfg.missing_eos_penalty is not None:
+            scores = scores - cfg.missing_eos_penalty * (~ended).float()
+        if cfg.use_score_scaling:
+            self._update_running_moments(scores)
+            scale = self.running.std + torch.finfo(scores.dtype).eps
+            scores = (scores - self.running.mean) / scale if cfg.use_score_norm else scores / scale
+        if cfg.score_clip is not None:
+            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+
+        batch = self._make_batch(queries, responses)
+        mask = batch.mask
+        temperature = self._logprob_temperature()
+
+        # --- 1. rollout forward passes: pi_old log-probs, values, reference log-probs, KL
+        t = time.perf_counter()
+        cached = self._take_generation_cache(responses) if self._reuse_generation else None
+        logprobs, values, ref_logprobs, kl = self._rollout_forward(batch, temperature, cached)
+        timing["time/ppo/forward_pass"] = time.perf_counter() - t
+        check_finite("rollout log-probs", logprobs * mask, "The policy produced NaN/inf logits.")
+
+        # --- 2. per-token rewards: r_t = -beta KL_t (+ score at the last token)
+        t = time.perf_counter()
+        beta = self.kl_ctl.value
+        rewards, non_score_reward = core.per_token_rewards(scores, kl, mask, beta)
+
+        # --- 3. advantages: GAE, then whitening over the batch
+        if cfg.whiten_rewards:
+            rewards = core.masked_whiten(rewards * mask, mask, shift_mean=False, unbiased=cfg.whiten_unbiased)
+        advantages, returns = core.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        advantages = core.masked_whiten(advantages, mask, unbiased=cfg.whiten_unbiased).detach()
+        values = values * mask
+        timing["time/ppo/compute_advantages"] = time.perf_counter() - t
+
+        # --- 4. epochs of minibatch updates
+        t = time.perf_counter()
+        lr = self._set_learning_rate()
+        train_stats = self._ppo_updates(batch, logprobs, values, advantages, returns, temperature)
+        timing["time/ppo/optimize_step"] = time.perf_counter() - t
+
+        # --- 5. statistics and the KL controller
+        t = time.perf_counter()
+        stats = self._record_stats(
+            batch, scores, raw_scores, logprobs, ref_logprobs, kl, non_score_reward, beta, train_stats, ended, responses
+        )
+        stats["ppo/learning_rate"] = lr
+        self.kl_ctl.update(stats["objective/kl"], len(queries) * self.accelerator.num_processes)
+        timing["time/ppo/calc_stats"] = time.perf_counter() - t
+        timing["time/ppo/total"] = time.perf_counter() - t_start
+        stats.update(timing)
+        self.current_step += 1
+        return stats
+
+    # -------------------------------------------------------------------------------------
+    def _logprob_temperature(self) -> float:
+        if not self.config.scale_logits_by_temperature:
+            return 1.0
+        return float(self.config.temperature) if self.config.temperature is not None else self._sampling_temperature
+
+    def _update_running_moments(self, scores: torch.Tensor) -> None:
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(torch.stack([scores.sum(), torch.tensor(float(scores.numel()), device=scores.device)]), "sum")
+            mean = total[0] / total[1]
+            sq = self.accelerator.reduce(((scores - mean) ** 2).sum(), "sum")
+            self.running.update(scores, xs_mean=mean, xs_var=sq / total[1], xs_count=float(total[1]))
+        else:
+            self.running.update(scores)
+
+    def _make_batch(self, queries, responses) -> RolloutBatch:
+        q_lens = [len(q) for q in queries]
+        r_lens = [len(r) for r in responses]
+        Q, R = max(q_lens), max(r_lens)
+        device = queries[0].device
+        pad = self.pad_token_id
+        q_ids = torch.nn.utils.rnn.pad_sequence([q.flip(0) for q in queries], batch_first=True, padding_value=pad).flip(1)
+        r_ids = torch.nn.utils.rnn.pad_sequence(list(responses), batch_first=True, padding_value=pad)
+        q_len_t = torch.tensor(q_lens, device=device)
+        r_len_t = torch.tensor(r_lens, device=device)
+        q_mask = torch.arange(Q, device=device)[None, :] >= (Q - q_len_t)[:, None]
+        r_mask = torch.arange(R, device=device)[None, :] < r_len_t[:, None]
+        return RolloutBatch(
+            input_ids=torch.cat([q_ids, r_ids], dim=1),
+            attention_mask=torch.cat([q_mask, r_mask], dim=1).long(),
+            mask=r_mask.float(),
+            query_lens=q_lens,
+            response_lens=r_lens,
+            q_width=Q,
+        )
+
+    def _forward(self, model, batch: RolloutBatch, rows, return_values: bool = True, ref: bool = False):
+        """Forward of the rows ``rows``, trimmed to their longest query/response.
+
+        Returns ``(logits, values, labels, r)``: logits (n, r, V) at the positions that
+        predict the ``r`` response columns, values (n, r) or None, and those labels.
+        """
+        q_max = max(batch.query_lens[i] for i in rows)
+        r_max = max(batch.response_lens[i] for i in rows)
+        Q = batch.q_width
+        idx = torch.as_tensor(rows, device=batch.input_ids.device)
+        ids = batch.input_ids[idx, Q - q_max : Q + r_max]
+        am = batch.attention_mask[idx, Q - q_max : Q + r_max]
+        pos = core.position_ids_from_attention_mask(am) if self.config.position_ids_from_attention_mask else None
+        if ref and self.ref_model is not None:
+            with self._autocast():
+                out = self.ref_model(input_ids=ids, attention_mask=am, position_ids=pos, logits_to_keep=r_max + 1, use_cache=False)
+            logits, values = out.logits[:, :-1], None
+        else:
+            with self._autocast():
+                logits, values = model(
+                    input_ids=ids, attention_mask=am, position_ids=pos, logits_start=q_max - 1, logits_len=r_max, return_values=return_values
+                )
+        return logits, values, ids[:, q_max:], r_max
+
+    @torch.no_grad()
+    def _rollout_forward(self, batch: RolloutBatch, temperature: float, cached: Optional[list] = None):
+        """No-grad passes in chunks: ``log pi_old``, ``V_old`` (one trunk pass, or taken from
+        ``generate`` when ``cached``), ``log pi_ref`` (adapters disabled, or the frozen
+        reference model) and the per-token KL."""
+        cfg = self.config
+        B, R = batch.mask.shape
+        chunk = cfg.rollout_batch_size or cfg.mini_batch_size
+        device = batch.mask.device
+        logprobs = torch.zeros(B, R, device=device)
+        ref_logprobs = torch.zeros(B, R, device=device)
+        values = torch.zeros(B, R, device=device)
+        kl = torch.zeros(B, R, device=device)
+        unwrapped = self.unwrapped_model
+        full = cfg.kl_penalty == "full"
+        with eval_mode(unwrapped, enabled=cfg.rollout_in_eval_mode):
+            for start in range(0, B, chunk):
+                rows = list(range(start, min(start + chunk, B)))
+                if cached is None:
+                    logits, v, labels, r = self._forward(self.model, batch, rows)
+                    lp = core.logprobs_from_logits(logits, labels, temperature)
+                    full_lp = core.log_softmax(logits, temperature) if full else None
+                    del logits
+                else:
+                    r = max(batch.response_lens[i] for i in rows)
+                    labels = batch.input_ids[start : start + len(rows), batch.q_width : batch.q_width + r]
+                    lp = torch.nn.utils.rnn.pad_sequence([cached[i][1] for i in rows], batch_first=True)
+                    v = torch.nn.utils.rnn.pad_sequence([cached[i][2] for i in rows], batch_first=True)
+                if self.ref_model is None:
+                    with unwrapped.disable_adapter():
+                        ref_logits, _, _, _ = self._forward(self.model, batch, rows, return_values=False)
+                else:
+                    ref_logits, _, _, _ = self._forward(self.model, batch, rows, ref=True)
+                ref_lp = core.logprobs_from_logits(ref_logits, labels, temperature)
+                m = batch.mask[start : start + len(rows), :r]
+                if full:
+                    k = core.kl_penalty(full_lp, core.log_softmax(ref_logits, temperature), "full")
+                else:
+                    k = core.kl_penalty(lp, ref_lp, cfg.kl_penalty)
+                sl = slice(start, start + len(rows))
+                logprobs[sl, :r] = lp * m
+                ref_logprobs[sl, :r] = ref_lp * m
+                values[sl, :r] = v.float() * m
+                kl[sl, :r] = k * m
+        return logprobs, values, ref_logprobs, kl
+
+    def _set_learning_rate(self) -> float:
+        cfg = self.config
+        frac = 1.0
+        if cfg.lr_schedule == "linear":
+            frac = max(0.0, 1.0 - self.current_step / cfg.steps)
+        for group, base in zip(self.optimizer.param_groups, self.base_lr):
+            group["lr"] = base * frac
+        return self.base_lr[0] * frac
+
+    # =====================================================================================
+    # 4. updates
+    # =====================================================================================
+    def _ppo_updates(self, batch, old_logprobs, old_values, advantages, returns, temperature) -> dict:
+        """``ppo_epochs`` passes of shuffled minibatches; gradients summed over
+        ``gradient_accumulation_steps`` minibatches per optimizer step; early stop on the
+        last minibatch's policy KL (> 1.5 x ``target_kl``) after an epoch."""
+        cfg = self.config
+        B = batch.mask.shape[0]
+        self.unwrapped_model.train()
+        all_stats: list[dict] = []
+        n_opt_steps, n_skipped, epochs_run = 0, 0, 0
+        for _ in range(cfg.ppo_epochs):
+            epochs_run += 1
+            perm = torch.randperm(B, generator=self._perm_gen).tolist()
+            for w0 in range(0, B, cfg.backward_batch_size):
+                window = perm[w0 : w0 + cfg.backward_batch_size]
+                micro = [window[m : m + cfg.mini_batch_size] for m in range(0, len(window), cfg.mini_batch_size)]
+                contributed = False
+                for j, rows in enumerate(micro):
+                    last = j == len(micro) - 1
+                    sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
+                    with sync:
+                        # A skipped last minibatch must still trigger DDP's gradient
+                        # all-reduce for the ones accumulated before it (zero-loss backward).
+                        sync_anyway = last and contributed and self.accelerator.num_processes > 1
+                        stats, did_backward, skipped = self._train_minibatch(
+                            batch, rows, old_logprobs, old_values, advantages, returns, temperature,
+                            len(rows) / len(window), sync_anyway,
+                        )
+                    all_stats.append(stats)
+                    contributed |= did_backward
+                    n_skipped += int(skipped)
+                if contributed:
+                    self._optimizer_step()
+                    n_opt_steps += 1
+                self.optimizer.zero_grad(set_to_none=True)
+            if cfg.early_stopping:
+                policykl = torch.tensor(all_stats[-1]["ppo/policy/policykl"], device=self.accelerator.device)
+                policykl = self.accelerator.reduce(policykl, "mean") if self.accelerator.num_processes > 1 else policykl
+                if float(policykl) > 1.5 * cfg.target_kl:
+                    break
+        out = {k: sum(s[k] for s in all_stats) / len(all_stats) for k in all_stats[0]}
+        out["ppo/val/var_explained"] = 1 - out["ppo/val/error"] / max(out["ppo/returns/var"], 1e-12)
+        out["ppo/optimizer_steps"] = n_opt_steps
+        out["ppo/skipped_minibatches"] = n_skipped
+        out["ppo/epochs_run"] = epochs_run
+        return out
+
+    def _train_minibatch(self, batch, rows, old_logprobs, old_values, advantages, returns, temperature, scale, sync_anyway=False):
+        """``loss = L_pg + vf_coef L_vf`` on one minibatch, backward unless skipped."""
+        cfg = self.config
+        logits, vpred, labels, r = self._forward(self.model, batch, rows)
+        idx = torch.as_tensor(rows, device=batch.mask.device)
+        m = batch.mask[idx, :r]
+        old_lp, old_v = old_logprobs[idx, :r], old_values[idx, :r]
+        adv, ret = advantages[idx, :r], returns[idx, :r]
+        logprobs = core.logprobs_from_logits(logits, labels, temperature)
+        vpred = vpred.float()
+
+        pg_loss, pg_clipfrac, ratio = core.policy_loss(logprobs, old_lp, adv, m, cfg.cliprange)
+        vf_loss, vf_clipfrac = core.value_loss(vpred, old_v, ret, m, cfg.cliprange_value)
+        loss = pg_loss + cfg.vf_coef * vf_loss
+        avg_ratio_t = core.masked_mean(ratio.detach(), m)
+        # Decide on every process alike (a rank skipping backward alone would hang DDP):
+        # the worst loss and the largest ratio over the processes.
+        flags = torch.stack([loss.detach().float(), avg_ratio_t.float()])[None]
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.gather(flags)
+        check_finite("the PPO loss", flags[:, 0], "Look for NaN/inf logits or values (fp16 overflow?).")
+        avg_ratio = avg_ratio_t.item()
+        skipped = flags[:, 1].max().item() > cfg.ratio_threshold
+        did_backward = True
+        if skipped:
+            warnings.warn(
+                f"mean ratio {flags[:, 1].max().item():.2f} > ratio_threshold {cfg.ratio_threshold}: minibatch skipped "
+                f"({'no gradient, no optimizer step' if cfg.ratio_threshold_skips_step else 'loss zeroed as in TRL 0.11'}).",
+                stacklevel=2,
+            )
+            if cfg.ratio_threshold_skips_step:
+                did_backward = False
+                if sync_anyway:
+                    self.accelerator.backward(loss * 0.0)
+            else:
+                self.accelerator.backward(loss * 0.0)
+        else:
+            self.accelerator.backward(loss * scale)
+
+        with torch.no_grad():
+            entropy = core.masked_mean(core.entropy_from_logits(logits.detach(), temperature), m)
+            z = 0.0 if skipped else 1.0
+            return (
+                {
+                    "ppo/loss/policy": z * pg_loss.item(),
+                    "ppo/loss/value": z * cfg.vf_coef * vf_loss.item(),
+                    "ppo/loss/total": z * loss.item(),
+                    "ppo/policy/entropy": entropy.item(),
+                    "ppo/policy/approxkl": core.approx_kl(logprobs, old_lp, m).item(),
+                    "ppo/policy/policykl": core.policy_kl(logprobs, old_lp, m).item(),
+                    "ppo/policy/clipfrac": pg_clipfrac.item(),
+                    "ppo/policy/advantages_mean": core.masked_mean(adv, m).item(),
+                    "ppo/policy/ratio_mean": avg_ratio,
+                    "ppo/returns/mean": core.masked_mean(ret, m).item(),
+                    "ppo/returns/var": core.masked_var(ret, m, unbiased=m.sum() > 1).item(),
+                    "ppo/val/vpred": core.masked_mean(vpred, m).item(),
+                    "ppo/val/error": core.masked_mean((vpred - ret) ** 2, m).item(),
+                    "ppo/val/clipfrac": vf_clipfrac.item(),
+                    "ppo/val/mean": core.masked_mean(old_v, m).item(),
+                    "ppo/val/var": core.masked_var(old_v, m, unbiased=m.sum() > 1).item(),
+                },
+                did_backward,
+                skipped,
+            )
+
+    def _optimizer_step(self) -> None:
+        """Check the gradients, clip, step. A NaN/inf gradient never reaches the weights."""
+        grads = [p.grad for p in self.trainable_params if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.nn.utils.get_total_norm(grads)
+        if not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(
+                "PPO step stopped: non-finite gradient norm; the gradients were discarded and the weights "
+                "and optimizer state were not updated. Look for NaN/inf in logits or values, or lower the lr."
+            )
+        if self.config.max_grad_norm is not None:
+            self.accelerator.clip_grad_norm_(self.trainable_params, self.config.max_grad_norm)
+        self.optimizer.step()
+
+    # =====================================================================================
+    # 5. statistics
+    # =====================================================================================
+    def _record_stats(self, batch, scores, raw_scores, logprobs, ref_logprobs, kl, non_score, beta, train_stats, ended, responses):
+        cfg = self.config
+        mask = batch.mask
+        kl_per_seq = (kl * mask).sum(-1)
+        mean_kl_t = kl_per_seq.mean()
+        if self.accelerator.num_processes > 1:  # one beta on every rank (TRL gathered it too)
+            mean_kl_t = self.accelerator.reduce(mean_kl_t, "mean")
+        mean_kl = mean_kl_t.item()
+        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True) if self.tokenizer is not None else None
+        degenerate = degenerate_mask(
+            [r.cpu() for r in responses], texts, cfg.degenerate_token_share, cfg.degenerate_line_share, cfg.degenerate_min_tokens
+        )
+        degenerate_share = degenerate.float().mean().item()
+        q_lens = torch.tensor(batch.query_lens, dtype=torch.float32)
+        r_lens = torch.tensor(batch.response_lens, dtype=torch.float32)
+
+        def std(x):
+            return x.std().item() if x.numel() > 1 else 0.0
+
+        stats = {
+            "objective/kl": mean_kl,
+            "objective/kl_dist": kl_per_seq.cpu(),
+            "objective/logprobs": logprobs.cpu(),
+            "objective/ref_logprobs": ref_logprobs.cpu(),
+            "objective/kl_coef": beta,
+            "objective/entropy": (-logprobs * mask).sum(-1).mean().item(),
+            "ppo/mean_non_score_reward": (non_score * mask).sum(-1).mean().item(),
+            "ppo/mean_scores": scores.mean().item(),
+            "ppo/std_scores": std(scores),
+            "ppo/mean_raw_scores": raw_scores.mean().item(),
+            "tokens/queries_len_mean": q_lens.mean().item(),
+            "tokens/queries_len_std": std(q_lens),
+            "tokens/responses_len_mean": r_lens.mean().item(),
+            "tokens/responses_len_std": std(r_lens),
+            "env/missing_eos_share": (~ended).float().mean().item(),
+            "env/degenerate_share": degenerate_share,
+        }
+        stats.update(train_stats)
+        if mean_kl < -cfg.negative_kl_warning:
+            warnings.warn(negative_kl_message(mean_kl), stacklevel=3)
+        if degenerate_share > cfg.degenerate_share_threshold:
+            warnings.warn(
+                f"possible reward hacking: {degenerate_share:.0%} of the responses are dominated by one repeated "
+                f"token or line (threshold {cfg.degenerate_share_threshold:.0%}). Inspect samples; consider a "
+                "larger KL coefficient or a reward-model fix.",
+                stacklevel=3,
+            )
+        return stats
+
+    def log_stats(self, stats: dict, batch: dict, rewards, columns_to_log: Sequence[str] = ("query", "response")) -> dict:
+        """Logs the scalar statistics (and reward mean/std) to the trackers and to
+        ``config.log_jsonl``; returns the logged dict of floats."""
+        rewards = torch.stack([torch.as_tensor(r, dtype=torch.float32).reshape(()) for r in rewards]).to(self.accelerator.device)
+        rewards = self.accelerator.gather(rewards) if self.accelerator.num_processes > 1 else rewards
+        logs = {}
+        for k, v in stats.items():
+            if isinstance(v, torch.Tensor):
+                if v.numel() == 1:
+                    logs[k] = float(v)
+            elif isinstance(v, (int, float)):
+                logs[k] = float(v)
+        logs["env/reward_mean"] = rewards.mean().item()
+        logs["env/reward_std"] = rewards.std().item() if rewards.numel() > 1 else 0.0
+        logs["env/step"] = self.current_step
+        if self.config.log_with is not None:
+            self.accelerator.log(logs, step=self.current_step)
+        if self.config.log_jsonl and self.accelerator.is_main_process:
+            row = dict(logs)
+            if batch is not None and all(c in batch for c in columns_to_log):
+                row["samples"] = [
+                    {**{c: batch[c][i] for c in columns_to_log}, "reward": float(rewards[i])}
+                    for i in range(min(len(batch[columns_to_log[0]]), rewards.numel()))
+                ]
+            os.makedirs(os.path.dirname(os.path.abspath(self.config.log_jsonl)), exist_ok=True)
+            with open(self.config.log_jsonl, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        self.last_logs = logs
+        return logs
+
+    # =====================================================================================
+    # saving
+    # =====================================================================================
+    def save_pretrained(self, save_directory: str) -> None:
+        """Saves the policy (adapter or full model) with its value head, and the tokenizer."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.unwrapped_model.save_pretrained(save_directory)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(save_directory)
+
+    def state_dict(self) -> dict:
+        """Trainer state beyond the weights (for resuming): step, KL coef, score moments."""
+        return {"step": self.current_step, "kl_ctl": self.kl_ctl.state_dict(), "running": self.running.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.current_step = state["step"]
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.running.load_state_dict(state["running"])

@@ -1,0 +1,245 @@
+"""A causal LM with a scalar value head on the shared trunk.
+
+One forward pass of the decoder gives the hidden states ``h``; the LM head turns ``h`` into
+logits and the value head ``V(h) = w^T dropout(h) + b`` into values, *only at the positions
+the caller asks for* (the response), so no logits are computed for the prompt.
+
+With a LoRA (PEFT) model, the reference policy is the same module with its adapters
+disabled (``with model.disable_adapter(): ...``): no second copy of the weights. The value
+head is saved next to the adapter (``value_head.safetensors``) and restored by
+``from_pretrained``; the old TRL trainer lost it on save with PEFT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+VALUE_HEAD_CONFIG = "value_head_config.json"
+
+
+class ValueHead(nn.Module):
+    """``V(h) = Linear(dropout(h))`` -> one scalar per position.
+
+    ``init``: ``"default"`` (PyTorch's Linear init, as TRL 0.11), ``"zeros"`` (LMHP: the
+    value starts at 0 so the first advantages are the rewards) or ``"normal"``
+    (``N(0, std)`` weight, zero bias).
+    """
+
+    def __init__(self, hidden_size: int, dropout: float = 0.1, init: str = "default", init_std: float = 0.2):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.summary = nn.Linear(hidden_size, 1)
+        if init == "zeros":
+            nn.init.zeros_(self.summary.weight)
+            nn.init.zeros_(self.summary.bias)
+        elif init == "normal":
+            nn.init.normal_(self.summary.weight, std=init_std)
+            nn.init.zeros_(self.summary.bias)
+        elif init != "default":
+            raise ValueError(f"value head init must be default/zeros/normal, got {init!r}")
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.to(self.summary.weight.dtype)
+        return self.summary(self.dropout(hidden)).squeeze(-1)
+
+
+def _is_peft(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PeftModel)
+
+
+class AutoModelForCausalLMWithValueHead(nn.Module):
+    """Wraps a ``*ForCausalLM`` (plain or PEFT) and adds a :class:`ValueHead`.
+
+    ``forward(input_ids, attention_mask, position_ids, logits_start, logits_len)`` returns
+    ``(logits, values)`` for positions ``[logits_start, logits_start + logits_len)`` only.
+    """
+
+    def __init__(
+        self,
+        pretrained_model: nn.Module,
+        value_head_dropout: float = 0.1,
+        value_head_init: str = "default",
+        value_head_init_std: float = 0.2,
+    ) -> None:
+        super().__init__()
+        self.pretrained_model = pretrained_model
+        self.is_peft_model = _is_peft(pretrained_model)
+        config = self.causal_lm.config
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or config.word_embed_proj_dim
+        self.value_head_kwargs = {
+            "dropout": float(value_head_dropout),
+            "init": value_head_init,
+            "init_std": float(value_head_init_std),
+        }
+        self.v_head = ValueHead(hidden, dropout=value_head_dropout, init=value_head_init, init_std=value_head_init_std)
+        self.v_head.to(next(self.causal_lm.get_output_embeddings().parameters()).device)
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def causal_lm(self) -> nn.Module:
+        """The underlying ``*ForCausalLM`` (with LoRA layers injected when PEFT)."""
+        return self.pretrained_model.get_base_model() if self.is_peft_model else self.pretrained_model
+
+    @property
+    def config(self):
+        return self.causal_lm.config
+
+    @property
+    def generation_config(self):
+        return self.causal_lm.generation_config
+
+    @property
+    def is_quantized(self) -> bool:
+        return bool(getattr(self.causal_lm, "is_loaded_in_8bit", False) or getattr(self.causal_lm, "is_loaded_in_4bit", False))
+
+    def disable_adapter(self):
+        """Context in which the model is the reference policy (LoRA adapters off)."""
+        if not self.is_peft_model:
+            raise ValueError("disable_adapter() needs a PEFT model; pass an explicit ref_model instead.")
+        return self.pretrained_model.disable_adapter()
+
+    # ------------------------------------------------------------------ compute
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        logits_start: int = 0,
+        logits_len: int | None = None,
+        return_values: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        lm = self.causal_lm
+        decoder = lm.get_decoder()
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        end = hidden.shape[1] if logits_len is None else logits_start + logits_len
+        hidden = hidden[:, logits_start:end]
+        logits = lm.get_output_embeddings()(hidden)
+        values = self.v_head(hidden) if return_values else None
+        return logits, values
+
+    @torch.no_grad()
+    def generate(self, *args, **kwargs):
+        return self.pretrained_model.generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Saves the adapter (PEFT) or the full model, plus the value head and its config."""
+        from safetensors.torch import save_file
+
+        os.makedirs(save_directory, exist_ok=True)
+        self.pretrained_model.save_pretrained(save_directory, **kwargs)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.v_head.state_dict().items()}
+        save_file(state, os.path.join(save_directory, VALUE_HEAD_FILE))
+        with open(os.path.join(save_directory, VALUE_HEAD_CONFIG), "w") as f:
+            json.dump(self.value_head_kwargs, f)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_model: str | nn.Module,
+        base_model: str | nn.Module | None = None,
+        peft_config=None,
+        quantization_config=None,
+        is_trainable: bool = True,
+        value_head_dropout: float | None = None,
+        value_head_init: str = "default",
+        **model_kwargs: Any,
+    ) -> "AutoModelForCausalLMWithValueHead":
+        """Builds the model from a folder (full model or LoRA adapter + value head) or wraps
+        a model object.
+
+        - A folder with ``adapter_config.json`` is a saved policy: the base comes from
+          ``base_model`` (path or model) or the adapter's ``base_model_name_or_path``.
+        - ``peft_config`` adds fresh LoRA adapters; with a 4/8-bit ``quantization_config``
+          the base is prepared with ``prepare_model_for_kbit_training`` first.
+        - ``value_head.safetensors``, when present, restores the value head.
+        """
+        from transformers import AutoModelForCausalLM
+
+        def load_base(name_or_model):
+            if isinstance(name_or_model, nn.Module):
+                return name_or_model
+            kwargs = dict(model_kwargs)
+            if quantization_config is not None:
+                kwargs["quantization_config"] = quantization_config
+                kwargs.setdefault("device_map", {"": _default_device()})
+            return AutoModelForCausalLM.from_pretrained(name_or_model, **kwargs)
+
+        directory = path_or_model if isinstance(path_or_model, str) else None
+        if directory is not None and os.path.isfile(os.path.join(directory, "adapter_config.json")):
+            from peft import PeftConfig, PeftModel
+
+            if base_model is None:
+                base_model = PeftConfig.from_pretrained(directory).base_model_name_or_path
+            base = load_base(base_model)
+            if quantization_config is not None and is_trainable:
+                base = _prepare_kbit(base)
+            model = PeftModel.from_pretrained(base, directory, is_trainable=is_trainable)
+        else:
+            model = load_base(path_or_model)
+            if peft_config is not None:
+                from peft import get_peft_model
+
+                if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
+                    model = _prepare_kbit(model)
+                model = get_peft_model(model, peft_config)
+
+        head_kwargs = {"dropout": 0.1, "init": value_head_init, "init_std": 0.2}
+        head_file = os.path.join(directory, VALUE_HEAD_FILE) if directory else None
+        if directory and os.path.isfile(os.path.join(directory, VALUE_HEAD_CONFIG)):
+            with open(os.path.join(directory, VALUE_HEAD_CONFIG)) as f:
+                head_kwargs.update(json.load(f))
+        if value_head_dropout is not None:
+            head_kwargs["dropout"] = value_head_dropout
+        wrapped = cls(
+            model,
+            value_head_dropout=head_kwargs["dropout"],
+            value_head_init=head_kwargs["init"],
+            value_head_init_std=head_kwargs["init_std"],
+        )
+        if head_file and os.path.isfile(head_file):
+            from safetensors.torch import load_file
+
+            wrapped.v_head.load_state_dict(load_file(head_file))
+        return wrapped
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _prepare_kbit(model: nn.Module) -> nn.Module:
+    from peft import prepare_model_for_kbit_training
+
+    # Gradient checkpointing is left to the caller: on the recipe's short sequences the
+    # recomputation costs more than the memory it saves.
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module, enabled: bool = True):
+    """Temporarily puts ``module`` in eval mode (dropout off), restoring each submodule's
+    own ``training`` flag afterwards."""
+    if not enabled:
+        yield
+        return
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag

@@ -250,6 +250,7 @@ def merge_lora(
     dtype: str = "float32",
     task: Task = "causal_lm",
     trust_remote_code: bool = False,
+    num_labels: int = 1,
 ) -> Path:
     """Merge the LoRA adapter in `adapter_dir` into a freshly loaded 16/32-bit base; save full weights.
 
@@ -264,14 +265,21 @@ def merge_lora(
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json, so no LoRA adapter to merge")
     peft_config = PeftConfig.from_pretrained(adapter_dir)
     base = base_model or peft_config.base_model_name_or_path
-    model_class = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    kwargs = dict(dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+    if task == "causal_lm":
+        model_class = AutoModelForCausalLM
+    else:  # a reward model: one score, the head restored from the adapter's modules_to_save
+        model_class = AutoModelForSequenceClassification
+        kwargs["num_labels"] = num_labels
     try:
-        model = model_class.from_pretrained(base, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+        model = model_class.from_pretrained(base, **kwargs)
     except (OSError, ValueError) as error:
         raise _load_error(base, error) from error
     model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
+    tokenizer = load_tokenizer(str(tokenizer_source), trust_remote_code=trust_remote_code, task=task)
+    model.config.pad_token_id = tokenizer.pad_token_id  # a classifier finds the last token by it
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output_dir, safe_serialization=True)
-    tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
-    load_tokenizer(str(tokenizer_source), trust_remote_code=trust_remote_code).save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
     return output_dir

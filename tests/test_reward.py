@@ -199,3 +199,26 @@ def test_missing_sft_model_is_a_clear_error(tmp_path):
                            str(tmp_path), "--output_dir", str(out)], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "no SFT model in" in proc.stderr and "--model_name_or_path" in proc.stderr
+
+
+def test_lora_reward_model_merges_to_the_same_scores(small, tmp_path):
+    """A SEQ_CLS adapter (LoRA + trained score head) merged into its base scores as before."""
+    from peft import LoraConfig, get_peft_model
+
+    from stackllama.modeling import merge_lora
+
+    model, tokenizer = seq_cls(small.base)
+    lora = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.add_(0.05)
+    texts = ["Question: a kettle?\n\nAnswer: vinegar", "Question: grinder?\n\nAnswer: brush it out, twice a week"]
+    expected = score_texts(lora, tokenizer, texts)
+    lora.save_pretrained(tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    merge_lora(tmp_path / "adapter", tmp_path / "merged", task="seq_cls")
+    merged, merged_tok = load_reward_model(str(tmp_path / "merged"))
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    assert merged.config.pad_token_id == tokenizer.pad_token_id
+    torch.testing.assert_close(score_texts(merged, merged_tok, texts), expected, atol=1e-5, rtol=0)

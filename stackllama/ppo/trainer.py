@@ -60,6 +60,12 @@ def default_collator(data: Sequence[dict]) -> dict:
     return {key: [d[key] for d in data] for key in data[0]}
 
 
+def tracker_config(config: PPOConfig) -> dict:
+    """The config as trackers accept it: TensorBoard's hparams take only int/float/str/bool,
+    so None, lists and dicts are written as strings."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
+
+
 @dataclass
 class RolloutBatch:
     """One PPO batch in the shared layout (see module docstring)."""
@@ -101,7 +107,7 @@ class PPOTrainer:
         set_seed(cfg.seed + self.accelerator.process_index)
         if cfg.log_with is not None:
             self.accelerator.init_trackers(
-                cfg.tracker_project_name, config=cfg.to_dict(), init_kwargs=cfg.tracker_kwargs
+                cfg.tracker_project_name, config=tracker_config(cfg), init_kwargs=cfg.tracker_kwargs
             )
 
         if not isinstance(model, AutoModelForCausalLMWithValueHead):

@@ -107,7 +107,7 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     if opts.steps <= opts.warmup:
         sys.exit("benchmarks/sft_packing.py: error: --steps must exceed --warmup")
-    from stackllama.sft import check_data_dir
+    from stackllama.data.loading import check_data_dir
 
     try:
         check_data_dir(opts.data_dir)

@@ -12,7 +12,8 @@ builds it by itself (beside its output folder) when no model is given.
 from dataclasses import dataclass, field
 
 from stackllama.cli import fail, parse_args
-from stackllama.sft import check_data_dir, setup_logging
+from stackllama.data.loading import check_data_dir
+from stackllama.stage import setup_logging
 from stackllama.tiny_model import DEFAULT_MAX_TOKENIZER_TEXTS, build_tiny_model_from_data
 
 

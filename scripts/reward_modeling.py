@@ -22,7 +22,7 @@ import time
 from trl import ModelConfig, RewardConfig
 
 from stackllama.cli import fail, parse_args
-from stackllama.data.loading import load_pairs
+from stackllama.data.loading import check_data_dir, load_pairs
 from stackllama.modeling import (
     MissingDependencyError,
     ModelLoadError,
@@ -33,6 +33,7 @@ from stackllama.modeling import (
     merge_lora,
 )
 from stackllama.reward import (
+    RESULTS_FILE,
     RewardScriptArguments,
     default_sft_model,
     evaluate_pairs,
@@ -40,9 +41,8 @@ from stackllama.reward import (
     load_reward_model,
     tokenize_pairs,
     write_model_card,
-    write_results,
 )
-from stackllama.sft import check_data_dir, configure_reporting, setup_logging
+from stackllama.stage import configure_reporting, setup_logging, write_results
 
 logger = logging.getLogger("stackllama.reward")
 
@@ -137,7 +137,7 @@ def main(script_args: RewardScriptArguments, training_args: RewardConfig, model_
             results["merged_output_dir"] = merged_dir
         results["wall_time_s"] = round(time.time() - start, 1)
         write_model_card(training_args.output_dir, base_model, script_args.data_dir, results)
-        path = write_results(training_args.output_dir, results)
+        path = write_results(training_args.output_dir, RESULTS_FILE, results)
         logger.info("reward modeling done in %.0f s; results in %s", results["wall_time_s"], path)
     trainer.accelerator.end_training()
     return results

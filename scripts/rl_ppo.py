@@ -28,11 +28,13 @@ from tqdm import tqdm
 from trl import ModelConfig
 
 from stackllama.cli import fail, parse_args
+from stackllama.data.loading import check_data_dir
 from stackllama.modeling import MissingDependencyError, ModelLoadError, count_parameters, load_tokenizer
 from stackllama.ppo import LengthSampler, NonFiniteError, PPOConfig, PPOTrainer
 from stackllama.reward_function import RewardFunction
 from stackllama.rl import (
     LOG_FILE,
+    RESULTS_FILE,
     RLScriptArguments,
     build_query_dataset,
     check_model_dir,
@@ -40,9 +42,8 @@ from stackllama.rl import (
     default_reward_model,
     load_policy,
     mean,
-    write_results,
 )
-from stackllama.sft import check_data_dir, configure_reporting, setup_logging
+from stackllama.stage import configure_reporting, setup_logging, write_results
 
 logger = logging.getLogger("stackllama.rl")
 
@@ -144,7 +145,7 @@ def main(script_args: RLScriptArguments, config: PPOConfig, model_args: ModelCon
         "wall_time_s": round(time.time() - start, 1),
     })
     if ppo_trainer.accelerator.is_main_process:
-        path = write_results(str(output_dir), results)
+        path = write_results(output_dir, RESULTS_FILE, results)
         logger.info("PPO done: mean reward %.3f (first %d steps) -> %.3f (last %d), KL %.3f, %.2f s/step; results in %s",
                     results["reward_first"], window, results["reward_last"], window, results["kl_last"],
                     results["seconds_per_step"], path)

@@ -34,17 +34,16 @@ from stackllama.modeling import (
     lora_config,
     merge_lora,
 )
+from stackllama.stage import configure_reporting, setup_logging, write_results
 from stackllama.sft import (
+    RESULTS_FILE,
     SFTScriptArguments,
     build_trainer,
     check_training_args,
-    configure_reporting,
     load_sft_datasets,
     perplexity,
     resolve_base_model,
-    setup_logging,
     write_model_card,
-    write_results,
 )
 
 logger = logging.getLogger("stackllama.sft")
@@ -129,7 +128,7 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
 
     results["wall_time_s"] = round(time.time() - start, 1)
     if trainer.is_world_process_zero():
-        path = write_results(training_args.output_dir, results)
+        path = write_results(training_args.output_dir, RESULTS_FILE, results)
         logger.info("SFT done in %.0f s; results in %s", results["wall_time_s"], path)
     trainer.accelerator.end_training()
     return results

@@ -17,9 +17,7 @@ What is added here:
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,15 +209,6 @@ def load_reward_model(path: str, dtype: str | None = None, trust_remote_code: bo
     model.eval()
     return model, tokenizer
 
-
-def write_results(output_dir: str, results: dict) -> Path:
-    """`reward_results.json`, written atomically as the stage's last act (its completion marker)."""
-    path = Path(output_dir) / RESULTS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def format_metrics(metrics: dict) -> str:

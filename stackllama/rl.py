@@ -10,9 +10,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,15 +161,6 @@ def load_policy(model_args, tokenizer, trust_remote_code: bool = False):
 
 # --------------------------------------------------------------------------- outputs
 
-
-def write_results(output_dir: str, results: dict) -> Path:
-    """`ppo_results.json`, written atomically last (its presence marks a completed run)."""
-    path = Path(output_dir) / RESULTS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def mean(values) -> float:

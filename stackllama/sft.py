@@ -17,16 +17,14 @@ the `finetune` subset with TRL's `SFTTrainer`:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data.loading import load_pairs
-from .data.template import PROMPT_TEMPLATE, format_example
+from .data.loading import check_data_dir, load_pairs
+from .data.template import format_example
 
 logger = logging.getLogger(__name__)
 
@@ -80,21 +78,6 @@ class SFTScriptArguments:
     tiny_model_seed: int = field(default=42, metadata={"help": "Seed of the tiny model's initialisation."})
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    """`stackllama` loggers at `level`, libraries at WARNING, each repeated library warning shown once."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    logging.getLogger("stackllama").setLevel(level)
-    seen: set[str] = set()
-
-    def once(record: logging.LogRecord) -> bool:  # bitsandbytes warns on every 8-bit matmul
-        key = f"{record.name}:{record.getMessage()}"
-        if key in seen:
-            return False
-        seen.add(key)
-        return True
-
-    logging.getLogger("bitsandbytes.autograd._functions").addFilter(once)
-
 
 # --------------------------------------------------------------------------- data
 
@@ -110,16 +93,6 @@ def to_text(example: dict) -> dict:
     """One SFT text from a pair: the shared template with the preferred answer."""
     return {"text": format_example(example["question"], example["response_j"])}
 
-
-def check_data_dir(data: str) -> None:
-    """A missing local folder gets a clear error rather than a failed Hub lookup (a Hub id is `owner/name`)."""
-    path = Path(data)
-    looks_local = path.is_absolute() or data.startswith(".") or data.count("/") != 1
-    if looks_local and not path.exists():
-        raise FileNotFoundError(
-            f"data folder {data} does not exist: create it with `python scripts/prepare_data.py --output_dir {data}` "
-            "or pass --data_dir with a prepared folder or a Hub dataset id (owner/name)"
-        )
 
 
 def load_sft_datasets(args: SFTScriptArguments, seed: int = 42):
@@ -249,26 +222,6 @@ def check_training_args(training_args, script_args: SFTScriptArguments) -> None:
         raise ValueError("--packing needs --max_length (the block length)")
 
 
-def configure_reporting(training_args) -> None:
-    """Check the `--report_to` backends are installed; wandb logs into the output folder, offline unless
-    WANDB_API_KEY or WANDB_MODE is set (set WANDB_MODE=online after `wandb login` to sync live)."""
-    import importlib.util
-
-    report_to = training_args.report_to or []
-    if isinstance(report_to, str):
-        report_to = [report_to]
-    for backend, module, extra in (("tensorboard", "tensorboard", "tensorboard"), ("wandb", "wandb", "wandb")):
-        if backend in report_to and importlib.util.find_spec(module) is None:
-            from .modeling import MissingDependencyError
-
-            raise MissingDependencyError(f"--report_to {backend} needs the {module} package: pip install 'stackllama[{extra}]'")
-    if "wandb" in report_to:
-        os.environ.setdefault("WANDB_DIR", training_args.output_dir)  # the run's files stay in its folder
-        Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
-        if "WANDB_MODE" not in os.environ and "WANDB_API_KEY" not in os.environ:
-            logger.info("wandb: no WANDB_API_KEY and no WANDB_MODE set, logging offline (sync later with `wandb sync`)")
-            os.environ["WANDB_MODE"] = "offline"
-
 
 # --------------------------------------------------------------------------- base model
 
@@ -370,10 +323,3 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def write_results(output_dir: str, results: dict) -> Path:
-    """`sft_results.json`, written atomically as the stage's last act (its completion marker)."""
-    path = Path(output_dir) / RESULTS_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path

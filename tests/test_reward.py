@@ -11,7 +11,6 @@ import torch
 from sft_helpers import REPO, build_small_model, pair_rows, write_pairs
 
 from stackllama.reward import (
-    evaluate_pairs,
     load_reward_model,
     pair_metrics,
     pairwise_loss,

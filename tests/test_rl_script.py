@@ -4,7 +4,6 @@ path, baseline subtracted), and a short end-to-end run that saves a reloadable p
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch

@@ -13,11 +13,11 @@ from trl import SFTConfig
 
 from stackllama.data.template import format_example, format_prompt
 from stackllama.modeling import MissingDependencyError, load_model, load_tokenizer
+from stackllama.stage import configure_reporting
 from stackllama.sft import (
     RESULTS_FILE,
     SFTScriptArguments,
     build_trainer,
-    configure_reporting,
     in_eval_split,
     load_sft_datasets,
     non_pad_share,

@@ -19,6 +19,17 @@ def _check_subset(subset: str) -> None:
         raise ValueError(f"unknown subset {subset!r}: expected one of {', '.join(SUBSETS)}")
 
 
+def check_data_dir(data: str) -> None:
+    """A missing local folder gets a clear error rather than a failed Hub lookup (a Hub id is `owner/name`)."""
+    path = Path(data)
+    looks_local = path.is_absolute() or data.startswith(".") or data.count("/") != 1
+    if looks_local and not path.exists():
+        raise FileNotFoundError(
+            f"data folder {data} does not exist: create it with `python scripts/prepare_data.py --output_dir {data}` "
+            "or pass --data_dir with a prepared folder or a Hub dataset id (owner/name)"
+        )
+
+
 def load_pairs(data: str | Path, subset: str, streaming: bool = False):
     """The paired dataset's `subset` (finetune / reward / rl / evaluation) as a `datasets` split.
 

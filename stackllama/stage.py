@@ -1,0 +1,61 @@
+"""What every training stage's script shares: logging, `report_to` backends, the results file.
+
+Each stage writes its results file (`sft_results.json`, `reward_results.json`,
+`ppo_results.json`) atomically as its very last act, so its presence marks a completed stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from .modeling import MissingDependencyError
+
+logger = logging.getLogger(__name__)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """`stackllama` loggers at `level`, libraries at WARNING, each repeated library warning shown once."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("stackllama").setLevel(level)
+    seen: set[str] = set()
+
+    def once(record: logging.LogRecord) -> bool:  # bitsandbytes warns on every 8-bit matmul
+        key = f"{record.name}:{record.getMessage()}"
+        if key in seen:
+            return False
+        seen.add(key)
+        return True
+
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(once)
+
+
+def configure_reporting(training_args) -> None:
+    """Check the `--report_to` backends are installed; wandb logs into the output folder, offline unless
+    WANDB_API_KEY or WANDB_MODE is set (set WANDB_MODE=online after `wandb login` to sync live)."""
+    import importlib.util
+
+    report_to = training_args.report_to or []
+    if isinstance(report_to, str):
+        report_to = [report_to]
+    for backend, module, extra in (("tensorboard", "tensorboard", "tensorboard"), ("wandb", "wandb", "wandb")):
+        if backend in report_to and importlib.util.find_spec(module) is None:
+            raise MissingDependencyError(f"--report_to {backend} needs the {module} package: pip install 'stackllama[{extra}]'")
+    if "wandb" in report_to:
+        os.environ.setdefault("WANDB_DIR", training_args.output_dir)  # the run's files stay in its folder
+        Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
+        if "WANDB_MODE" not in os.environ and "WANDB_API_KEY" not in os.environ:
+            logger.info("wandb: no WANDB_API_KEY and no WANDB_MODE set, logging offline (sync later with `wandb sync`)")
+            os.environ["WANDB_MODE"] = "offline"
+
+
+def write_results(output_dir: str | os.PathLike, filename: str, results: dict) -> Path:
+    """`output_dir/filename` as JSON, written to a temporary file and renamed into place."""
+    path = Path(output_dir) / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path

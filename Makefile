@@ -1,5 +1,6 @@
 # Two entry points, both self-contained from a clean clone:
-#   make demo   set up .venv, then run the pipeline on the bundled sample (CPU, no download)
+#   make demo   set up .venv, then run the pipeline on the bundled sample (CPU, no download):
+#               prepare -> tiny model + SFT -> reward model -> PPO, all under runs/tiny/
 #   make test   set up .venv, then run the test suite
 #
 # Setup installs torch first, pinned to TORCH_SPEC, so that pip does not pick a
@@ -27,6 +28,9 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(PY) scripts/prepare_data.py --output_dir $(RUN_DIR)/data --overwrite
+	$(PY) scripts/sft.py --config configs/sft/tiny.yaml --data_dir $(RUN_DIR)/data --output_dir $(RUN_DIR)/sft
+	$(PY) scripts/reward_modeling.py --config configs/reward/tiny.yaml --data_dir $(RUN_DIR)/data --output_dir $(RUN_DIR)/reward
+	$(PY) scripts/rl_ppo.py --config configs/ppo/tiny.yaml --data_dir $(RUN_DIR)/data --output_dir $(RUN_DIR)/ppo
 
 test: setup
 	$(PY) -m pytest tests

@@ -19,6 +19,7 @@ accelerate launch --multi_gpu --num_processes 8 scripts/reward_modeling.py --con
 import logging
 import time
 
+from transformers import set_seed
 from trl import ModelConfig, RewardConfig
 
 from stackllama.cli import fail, parse_args
@@ -53,6 +54,7 @@ def main(script_args: RewardScriptArguments, training_args: RewardConfig, model_
     check_data_dir(script_args.data_dir)
     results = {"data_dir": script_args.data_dir, "max_length": training_args.max_length,
                "use_peft": model_args.use_peft}
+    set_seed(training_args.seed)  # the new score head's initialisation is part of the run
 
     # Model and tokenizer: the SFT model with a fresh score head, or a saved reward model (--eval_only)
     if script_args.eval_only:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from tqdm import tqdm
+from transformers import set_seed
 from trl import ModelConfig
 
 from stackllama.cli import fail, parse_args
@@ -79,6 +80,7 @@ def main(script_args: RLScriptArguments, config: PPOConfig, model_args: ModelCon
         raise ValueError(f"only {len(dataset)} queries fit in --max_prompt_length {script_args.max_prompt_length}; "
                          f"--batch_size is {config.batch_size}")
 
+    set_seed(config.seed)  # the value head's initialisation is part of the run
     policy = load_policy(model_args, tokenizer, trust_remote_code=script_args.trust_remote_code)
     trainable, total = count_parameters(policy)
     logger.info("policy %s: %s trainable parameters of %s", policy_path, f"{trainable:,}", f"{total:,}")

@@ -31,7 +31,7 @@ from stackllama.modeling import (
     load_model,
     load_tokenizer,
     lora_config,
-    merge_lora,
+    save_full_weights,
 )
 from stackllama.reward import (
     RESULTS_FILE,
@@ -130,12 +130,9 @@ def main(script_args: RewardScriptArguments, training_args: RewardConfig, model_
         tokenizer.save_pretrained(training_args.output_dir)
         if script_args.merge:
             merged_dir = script_args.merged_output_dir or training_args.output_dir.rstrip("/") + "-merged"
-            if model_args.use_peft:
-                merge_lora(training_args.output_dir, merged_dir, base_model=base_model, dtype=script_args.merge_dtype,
-                           task="seq_cls", trust_remote_code=training_args.trust_remote_code)
-            else:
-                trainer.model.save_pretrained(merged_dir, safe_serialization=True)
-                tokenizer.save_pretrained(merged_dir)
+            save_full_weights(trainer.model, tokenizer, training_args.output_dir, merged_dir, model_args.use_peft,
+                              base_model=base_model, dtype=script_args.merge_dtype, task="seq_cls",
+                              trust_remote_code=training_args.trust_remote_code)
             results["merged_output_dir"] = merged_dir
         results["wall_time_s"] = round(time.time() - start, 1)
         write_model_card(training_args.output_dir, base_model, script_args.data_dir, results)

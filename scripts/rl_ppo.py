@@ -59,6 +59,8 @@ def main(script_args: RLScriptArguments, config: PPOConfig, model_args: ModelCon
         config.log_with = script_args.report_to
         config.project_kwargs.setdefault("project_dir", str(output_dir))
     config.log_jsonl = config.log_jsonl or str(output_dir / LOG_FILE)
+    if PartialState().is_main_process:
+        Path(config.log_jsonl).unlink(missing_ok=True)  # a new run starts a new log
     check_data_dir(script_args.data_dir)
 
     # Models: the SFT policy and the reward model (defaults: the stages' outputs beside output_dir)

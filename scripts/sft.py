@@ -32,7 +32,7 @@ from stackllama.modeling import (
     load_model,
     load_tokenizer,
     lora_config,
-    merge_lora,
+    save_full_weights,
 )
 from stackllama.stage import configure_reporting, setup_logging, write_results
 from stackllama.sft import (
@@ -117,12 +117,9 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     # Merge: full weights for the reward-model and PPO stages
     if script_args.merge and trainer.is_world_process_zero():
         merged_dir = script_args.merged_output_dir or training_args.output_dir.rstrip("/") + "-merged"
-        if model_args.use_peft:
-            merge_lora(training_args.output_dir, merged_dir, base_model=base_model, dtype=script_args.merge_dtype,
-                       trust_remote_code=training_args.trust_remote_code)
-        else:
-            trainer.model.save_pretrained(merged_dir, safe_serialization=True)
-            tokenizer.save_pretrained(merged_dir)
+        save_full_weights(trainer.model, tokenizer, training_args.output_dir, merged_dir, model_args.use_peft,
+                          base_model=base_model, dtype=script_args.merge_dtype,
+                          trust_remote_code=training_args.trust_remote_code)
         results["merged_output_dir"] = merged_dir
         logger.info("merged full weights written to %s", merged_dir)
 

@@ -283,3 +283,24 @@ def merge_lora(
     model.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
     return output_dir
+
+
+def save_full_weights(
+    model,
+    tokenizer,
+    adapter_dir: str | Path,
+    output_dir: str | Path,
+    use_peft: bool,
+    base_model: str | None = None,
+    dtype: str = "float32",
+    task: Task = "causal_lm",
+    trust_remote_code: bool = False,
+) -> Path:
+    """Full weights for the next stage: the LoRA adapter saved in `adapter_dir` merged into a
+    16/32-bit base (`merge_lora`), or, without LoRA, the trained `model` itself."""
+    if use_peft:
+        return merge_lora(adapter_dir, output_dir, base_model=base_model, dtype=dtype, task=task,
+                          trust_remote_code=trust_remote_code)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    return Path(output_dir)

@@ -178,7 +178,7 @@ def test_script_trains_then_evaluates_alone(small, tmp_path):
     train = subprocess.run(common + ["--model_name_or_path", str(small.base), "--use_peft", "false",
                                      "--num_train_epochs", "4", "--learning_rate", "3e-3",
                                      "--per_device_train_batch_size", "4", "--logging_steps", "5", "--save_strategy",
-                                     "no", "--use_cpu", "true"], capture_output=True, text=True, cwd=tmp_path)
+                                     "no", "--use_cpu", "true", "--merge", "true"], capture_output=True, text=True, cwd=tmp_path)
     assert train.returncode == 0, train.stderr[-3000:]
     results = json.loads((out / "reward_results.json").read_text())
     assert results["train_pairs"] + results["train_pairs_dropped"] == 24
@@ -186,6 +186,10 @@ def test_script_trains_then_evaluates_alone(small, tmp_path):
     assert results["eval_after"]["accuracy"] > results["eval_before"]["accuracy"]
     assert results["eval_after"]["accuracy"] >= 0.9
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+    merged, merged_tok = load_reward_model(str(tmp_path / "reward-merged"))  # --merge: full weights beside it
+    saved, saved_tok = load_reward_model(str(out))
+    texts = ["Question: q?\n\nAnswer: Clean it with vinegar."]
+    torch.testing.assert_close(score_texts(merged, merged_tok, texts), score_texts(saved, saved_tok, texts))
 
     alone = subprocess.run(common + ["--eval_only", "true"], capture_output=True, text=True, cwd=tmp_path)
     assert alone.returncode == 0, alone.stderr[-3000:]

@@ -225,3 +225,22 @@ def test_lora_reward_model_merges_to_the_same_scores(small, tmp_path):
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
     assert merged.config.pad_token_id == tokenizer.pad_token_id
     torch.testing.assert_close(score_texts(merged, merged_tok, texts), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["tiny", "llama-7b"])
+def test_shipped_configs_parse(name):
+    """Every key of configs/reward/*.yaml is a known flag; the 7B one holds the recipe."""
+    from trl import ModelConfig, RewardConfig
+
+    from stackllama.cli import parse_args
+    from stackllama.reward import RewardScriptArguments
+
+    extra = ["--bf16", "false"] if not torch.cuda.is_available() else []  # the 7B config asks for bf16
+    script, train, model = parse_args((RewardScriptArguments, RewardConfig, ModelConfig),
+                                      ["--config", str(REPO / "configs" / "reward" / f"{name}.yaml")] + extra)
+    if name == "llama-7b":
+        assert (train.per_device_train_batch_size, train.learning_rate, train.num_train_epochs) == (4, 2e-5, 1)
+        assert (script.max_train_pairs, script.max_eval_pairs, train.max_length) == (100_000, 50_000, 512)
+        assert (model.use_peft, model.lora_r, model.lora_alpha, model.lora_dropout) == (True, 8, 32, 0.1)
+    else:
+        assert model.use_peft is False and train.max_length == 512

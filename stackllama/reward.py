@@ -175,7 +175,9 @@ def evaluate_pairs(model, tokenizer, tokenized, batch_size: int = 16) -> dict:
 
 def default_sft_model(output_dir: str) -> str:
     """The SFT stage's model beside this run's output: merged weights if present, else the SFT folder."""
-    run = Path(output_dir).resolve().parent
+    from .stage import run_dir
+
+    run = run_dir(output_dir)
     for candidate in (run / "sft-merged", run / "sft"):
         if (candidate / "config.json").is_file():
             return str(candidate)

@@ -104,10 +104,6 @@ def build_query_dataset(data_dir: str, tokenizer, max_prompt_length: int | None 
 # --------------------------------------------------------------------------- models
 
 
-def _run_dir(output_dir: str) -> Path:
-    return Path(output_dir).resolve().parent
-
-
 def default_policy_model(output_dir: str) -> str:
     """The SFT stage's full-weights model beside this run's output (`sft-merged`, else `sft`)."""
     from .reward import default_sft_model
@@ -117,7 +113,9 @@ def default_policy_model(output_dir: str) -> str:
 
 def default_reward_model(output_dir: str) -> str:
     """The reward stage's model beside this run's output (`runs/<run>/reward`)."""
-    path = _run_dir(output_dir) / "reward"
+    from .stage import run_dir
+
+    path = run_dir(output_dir) / "reward"
     if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
         return str(path)
     raise FileNotFoundError(

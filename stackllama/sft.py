@@ -227,7 +227,9 @@ def check_training_args(training_args, script_args: SFTScriptArguments) -> None:
 
 
 def default_tiny_model_dir(output_dir: str) -> Path:
-    return Path(output_dir).resolve().parent / "base"
+    from .stage import run_dir
+
+    return run_dir(output_dir) / "base"
 
 
 def resolve_base_model(script_args: SFTScriptArguments, model_args, training_args) -> str:

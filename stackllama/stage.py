@@ -51,6 +51,12 @@ def configure_reporting(training_args) -> None:
             os.environ["WANDB_MODE"] = "offline"
 
 
+def run_dir(output_dir: str | os.PathLike) -> Path:
+    """The run folder that holds every stage's output (`runs/<run>/`): the parent of a stage's
+    `output_dir`. Stages find their inputs there by default (`sft-merged`, `reward`, ...)."""
+    return Path(output_dir).resolve().parent
+
+
 def write_results(output_dir: str | os.PathLike, filename: str, results: dict) -> Path:
     """`output_dir/filename` as JSON, written to a temporary file and renamed into place."""
     path = Path(output_dir) / filename

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 SUBSETS = ("finetune", "reward", "rl", "evaluation")
-PAIR_COLUMNS = ("qid", "question", "date", "metadata", "response_j", "response_k")  # + pm_score_j/k locally
 
 
 def _check_subset(subset: str) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .dumps import DumpError, DumpSource, iter_rows, parse_tags, resolve_dump
-from .markdown import HtmlToMarkdown
+from .markdown import html_to_markdown
 from .pairs import SUBSETS, assign_splits, sample_pairs
 from .scoring import pm_score
 from .store import PostStore, QuestionGroup
@@ -184,21 +184,15 @@ class QuestionResult:
     empty_answers: int = 0
 
 
-_converter: HtmlToMarkdown | None = None
-
-
 def _convert_batch(args: tuple[list[QuestionGroup], list[str], PrepareOptions]) -> tuple[list[QuestionResult], float, float, int]:
     """Convert and pair a batch of questions (runs in a worker process)."""
-    global _converter
-    if _converter is None:
-        _converter = HtmlToMarkdown()
     groups, sites, opts = args
     results, t_convert, t_pair, bodies = [], 0.0, 0.0, 0
     for g in groups:
         t0 = time.perf_counter()
         site_url = f"https://{sites[g.site]}"
-        body = _converter(g.body)
-        texts = [_converter(a.body) for a in g.answers]
+        body = html_to_markdown(g.body)
+        texts = [html_to_markdown(a.body) for a in g.answers]
         bodies += 1 + len(g.answers)
         t1 = time.perf_counter()
         t_convert += t1 - t0

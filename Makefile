@@ -1,6 +1,7 @@
 # Two entry points, both self-contained from a clean clone:
-#   make demo   set up .venv, then run the pipeline on the bundled sample (CPU, no download):
-#               prepare -> tiny model + SFT -> reward model -> PPO, all under runs/tiny/
+#   make demo   set up .venv, then run the whole pipeline on the bundled sample (CPU, no download):
+#               prepare -> tiny model -> SFT -> reward model -> PPO -> evaluation report, all under
+#               runs/tiny/ (scripts/run_pipeline.py; a re-run reuses complete stages, ARGS=--force redoes)
 #   make test   set up .venv, then run the test suite
 #
 # Setup installs torch first, pinned to TORCH_SPEC, so that pip does not pick a
@@ -27,10 +28,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) scripts/prepare_data.py --output_dir $(RUN_DIR)/data --overwrite
-	$(PY) scripts/sft.py --config configs/sft/tiny.yaml --data_dir $(RUN_DIR)/data --output_dir $(RUN_DIR)/sft
-	$(PY) scripts/reward_modeling.py --config configs/reward/tiny.yaml --data_dir $(RUN_DIR)/data --output_dir $(RUN_DIR)/reward
-	$(PY) scripts/rl_ppo.py --config configs/ppo/tiny.yaml --data_dir $(RUN_DIR)/data --output_dir $(RUN_DIR)/ppo
+	$(PY) scripts/run_pipeline.py --config configs/pipeline/tiny.yaml --output_dir $(RUN_DIR) $(ARGS)
 
 test: setup
 	$(PY) -m pytest tests

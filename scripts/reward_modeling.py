@@ -126,6 +126,7 @@ def main(script_args: RewardScriptArguments, training_args: RewardConfig, model_
 
     # Save: adapter (with the score head) or full weights, tokenizer, card; merged weights on request
     trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json: the logged losses and accuracies, for the report's plots
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(training_args.output_dir)
         if script_args.merge:

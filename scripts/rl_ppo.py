@@ -101,6 +101,7 @@ def main(script_args: RLScriptArguments, config: PPOConfig, model_args: ModelCon
 
     results = {"policy": policy_path, "reward_model": reward_path, "data_dir": script_args.data_dir,
                "queries": len(dataset), "queries_dropped": dropped, "max_prompt_length": script_args.max_prompt_length,
+               "output_min_length": script_args.output_min_length, "output_max_length": script_args.output_max_length,
                "steps_planned": config.steps}
     history = []
     step = 0

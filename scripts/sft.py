@@ -111,6 +111,7 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
 
     # Save: the full model or the adapter, the tokenizer, a model card
     trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json: the logged losses, for the report's plots
     if trainer.is_world_process_zero():
         write_model_card(training_args.output_dir, base_model, script_args.data_dir, results)
 

@@ -7,6 +7,7 @@ and exit status 2 instead of a traceback.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 
@@ -16,7 +17,7 @@ def parse_args(dataclass_types: Sequence[type], args: Sequence[str] | None = Non
     import yaml
     from trl import TrlParser
 
-    parser = TrlParser(list(dataclass_types), description=description)
+    parser = TrlParser(list(dataclass_types), description=description, formatter_class=_HelpFormatter)
     _default_to_fp32_without_gpu(parser)
     try:
         return parser.parse_args_and_config(args=args)
@@ -24,6 +25,11 @@ def parse_args(dataclass_types: Sequence[type], args: Sequence[str] | None = Non
         parser.error(f"cannot read --config: {e}")
     except ValueError as e:
         parser.error(str(e).split(". Please remove them")[0])
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each flag's help (as HfArgumentParser does); the script's docstring,
+    with its example commands, printed as written."""
 
 
 def _default_to_fp32_without_gpu(parser) -> None:

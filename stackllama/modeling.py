@@ -252,37 +252,13 @@ def merge_lora(
     trust_remote_code: bool = False,
     num_labels: int = 1,
 ) -> Path:
-    """Merge the LoRA adapter in `adapter_dir` into a freshly loaded 16/32-bit base; save full weights.
+    """Merge the LoRA adapter in `adapter_dir` into a 16/32-bit base and save full weights, replacing
+    `output_dir`: `stackllama.merge.merge_adapter` (verified, written atomically), kept here for old callers."""
+    from .merge import merge_adapter
 
-    The base is reloaded without quantization (merging into an 8-bit base fails or loses
-    precision); `base_model` defaults to the one recorded in the adapter config.
-    """
-    from peft import PeftConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json, so no LoRA adapter to merge")
-    peft_config = PeftConfig.from_pretrained(adapter_dir)
-    base = base_model or peft_config.base_model_name_or_path
-    kwargs = dict(dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
-    if task == "causal_lm":
-        model_class = AutoModelForCausalLM
-    else:  # a reward model: one score, the head restored from the adapter's modules_to_save
-        model_class = AutoModelForSequenceClassification
-        kwargs["num_labels"] = num_labels
-    try:
-        model = model_class.from_pretrained(base, **kwargs)
-    except (OSError, ValueError) as error:
-        raise _load_error(base, error) from error
-    model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
-    tokenizer = load_tokenizer(str(tokenizer_source), trust_remote_code=trust_remote_code, task=task)
-    model.config.pad_token_id = tokenizer.pad_token_id  # a classifier finds the last token by it
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir, safe_serialization=True)
-    tokenizer.save_pretrained(output_dir)
-    return output_dir
+    merge_adapter(adapter_dir, output_dir, base_model=base_model, dtype=dtype, task=task, num_labels=num_labels,
+                  overwrite=True, trust_remote_code=trust_remote_code)
+    return Path(output_dir)
 
 
 def save_full_weights(
@@ -297,10 +273,13 @@ def save_full_weights(
     trust_remote_code: bool = False,
 ) -> Path:
     """Full weights for the next stage: the LoRA adapter saved in `adapter_dir` merged into a
-    16/32-bit base (`merge_lora`), or, without LoRA, the trained `model` itself."""
+    16/32-bit base and checked (`stackllama.merge.merge_adapter`), or, without LoRA, the trained `model` itself."""
     if use_peft:
-        return merge_lora(adapter_dir, output_dir, base_model=base_model, dtype=dtype, task=task,
-                          trust_remote_code=trust_remote_code)
+        from .merge import merge_adapter
+
+        merge_adapter(adapter_dir, output_dir, base_model=base_model, dtype=dtype, task=task, overwrite=True,
+                      trust_remote_code=trust_remote_code)
+        return Path(output_dir)
     model.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
     return Path(output_dir)

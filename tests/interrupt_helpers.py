@@ -1,0 +1,66 @@
+"""Killing a stage's script for real (SIGKILL) at a chosen point, for the resume tests.
+
+A point "inside training" or "inside a checkpoint write" is made reachable without touching
+the package: `hook_env` writes a `sitecustomize.py` (run by Python at start-up in the child)
+that wraps a library or package function to print a line and, optionally, pause; `kill_when`
+runs the child and sends SIGKILL as soon as that line appears.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def hook_env(folder: Path, code: str, extra: dict | None = None) -> dict:
+    """Environment for a child Python whose start-up runs `code` (a sitecustomize.py written in `folder`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(code)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra or {}))
+    env["PYTHONPATH"] = os.pathsep.join([str(folder), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def kill_when(command: list[str], pattern: str, env: dict | None = None, timeout: float = 600) -> str:
+    """Run `command`; SIGKILL it when a line of its output matches `pattern`. Returns the output.
+
+    Fails (AssertionError) if the process ends or the timeout passes before the line appears,
+    so a test can never pass without a real kill."""
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    regex = re.compile(pattern)
+    lines = []
+    deadline = time.time() + timeout
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if regex.search(line):
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                assert proc.returncode == -signal.SIGKILL
+                return "".join(lines)
+            if time.time() > deadline:
+                break
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    raise AssertionError(f"{pattern!r} never appeared before the process ended (exit {proc.returncode}):\n"
+                         + "".join(lines[-40:]))
+
+
+def run(command: list[str], env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `command` to the end from the repository root; fail with its output if it fails."""
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+PYTHON = sys.executable

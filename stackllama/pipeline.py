@@ -347,6 +347,8 @@ def completion(step: Step, run: Path, fingerprint: str) -> tuple[bool, str]:
         return True, "complete (made outside the pipeline; --force redoes it)"
     if state.get("fingerprint") != fingerprint:
         return False, "its command, config or inputs changed"
+    if state.get("status", "complete") != "complete":
+        return False, "its last run did not finish"
     return True, "complete"
 
 
@@ -360,6 +362,21 @@ def upstream_token(step: Step, run: Path, fingerprint: str) -> str:
 
 
 # --------------------------------------------------------------------------- running
+
+
+def _prepare_training_stage(step: Step, run: Path, fingerprint: str, forced: bool) -> str | None:
+    """A training stage whose last run (same command and inputs) was interrupted resumes from its
+    latest checkpoint; otherwise it starts clean, so checkpoints of an older run are never mistaken
+    for this one's. Returns how the stage starts, for the progress line."""
+    previous = read_state(run, step.spec.name)
+    interrupted = previous is not None and previous.get("status") in ("running", "failed")
+    if interrupted and previous.get("fingerprint") == fingerprint and not forced:
+        step.script_args = step.script_args + ["--resume_from_checkpoint", "latest"]
+        return "its last run did not finish: resuming from its latest checkpoint, if any"
+    output = run / step.spec.output
+    if output.exists():
+        shutil.rmtree(output)
+    return None
 
 
 def summary_line(step: Step, run: Path) -> str:
@@ -453,9 +470,12 @@ def run_pipeline(args: PipelineArguments, settings: dict[str, dict], out=print) 
             continue
         marker = run / step.spec.output / step.spec.marker
         marker.unlink(missing_ok=True)  # a failed re-run must not leave the old marker looking complete
-        _state_path(run, name).unlink(missing_ok=True)
+        how = "forced" if forced else why
+        if step.spec.distributed:
+            how = _prepare_training_stage(step, run, fingerprint, forced) or how
+        write_state(run, name, {"fingerprint": fingerprint, "status": "running", "started_at": time.time()})
         log = run / LOG_DIR / f"{name}.log"
-        out(f"{head}  running {step.spec.title} ({'forced' if forced else why}; log: {log})")
+        out(f"{head}  running {step.spec.title} ({how}; log: {log})")
         t0 = time.time()
         try:
             code = run_command(step.command(args), log, args.verbose)
@@ -469,10 +489,11 @@ def run_pipeline(args: PipelineArguments, settings: dict[str, dict], out=print) 
             out("\n".join("    " + line for line in _tail(log).splitlines()))
             out(f"Fix the cause and run the same command again: completed stages are reused and the run "
                 f"resumes at {name}.")
+            write_state(run, name, {"fingerprint": fingerprint, "status": "failed", "finished_at": time.time()})
             results["stages"][name] = {"status": "failed", "seconds": round(seconds, 1), "log": str(log)}
             _write_results(run, results, started)
             return 1
-        write_state(run, name, {"fingerprint": fingerprint, "finished_at": time.time(),
+        write_state(run, name, {"fingerprint": fingerprint, "status": "complete", "finished_at": time.time(),
                                 "seconds": round(seconds, 1), "command": step.command(args, for_display=True)})
         upstream = upstream_token(step, run, fingerprint)
         timings[name] = seconds

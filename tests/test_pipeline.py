@@ -23,15 +23,17 @@ FAKE_STAGE = """
 import argparse, os, sys
 p = argparse.ArgumentParser()
 p.add_argument("--out"); p.add_argument("--marker"); p.add_argument("--value", default="")
+p.add_argument("--resume_from_checkpoint")
 a = p.parse_args()
 os.makedirs(a.out, exist_ok=True)
-with open(os.path.join(a.out, "runs.txt"), "a") as f:
-    f.write("run\\n")
+with open(a.out + ".runs.txt", "a") as f:  # beside the stage folder: survives its clean-up
+    f.write(f"{a.resume_from_checkpoint}\\n")
+open(os.path.join(a.out, "output.txt"), "a").write("x")
 print("working on", a.out)
-if os.path.exists(os.path.join(a.out, "FAIL")):
+if os.path.exists(a.out + ".FAIL"):
     print("something went wrong in", a.out, file=sys.stderr)
     sys.exit(3)
-if not os.path.exists(os.path.join(a.out, "NO_MARKER")):
+if not os.path.exists(a.out + ".NO_MARKER"):
     with open(os.path.join(a.out, a.marker), "w") as f:
         f.write('{"value": "%s"}' % a.value)
 """
@@ -47,15 +49,15 @@ def fake_pipeline(tmp_path, monkeypatch):
     run = tmp_path / "run"
     values = {name: "a" for name in NAMES}
 
-    def plan(name, args, settings):
-        spec = StageSpec(name, name, str(script), name, "done.json")
+    def plan(name, args, settings):  # `two` is a training stage: resumes after a failure, else starts clean
+        spec = StageSpec(name, name, str(script), name, "done.json", distributed=name == "two")
         return Step(spec, ["--out", str(run / name), "--marker", "done.json", "--value", values[name]], None)
 
     monkeypatch.setattr(pipeline, "STAGE_NAMES", NAMES)
     monkeypatch.setattr(pipeline, "plan_step", plan)
 
     def runs_of(name):
-        path = run / name / "runs.txt"
+        path = run / f"{name}.runs.txt"
         return len(path.read_text().splitlines()) if path.exists() else 0
 
     def invoke(**flags):
@@ -69,21 +71,26 @@ def fake_pipeline(tmp_path, monkeypatch):
 
 def test_resumes_at_the_failed_stage(fake_pipeline):
     run, runs_of, invoke, _ = fake_pipeline
-    (run / "two").mkdir(parents=True)
-    (run / "two" / "FAIL").touch()
+    (run / "two" / "checkpoint-9").mkdir(parents=True)  # left by an older run: a fresh start must not see it
+    (run / "two.FAIL").touch()  # stage two fails until this is removed
     code, out = invoke()
     assert code == 1
     assert [runs_of(n) for n in NAMES] == [1, 1, 0]  # stopped at two; three never started
     assert "FAILED" in out and "exit code 3" in out and "resumes at two" in out
     assert "something went wrong" in out  # the log's last lines are shown
     assert not (run / "two" / "done.json").exists()
+    assert not (run / "two" / "checkpoint-9").exists()  # a training stage starts clean...
     results = json.loads((run / pipeline.RESULTS_FILE).read_text())
     assert results["stages"]["two"]["status"] == "failed"
 
-    (run / "two" / "FAIL").unlink()
+    (run / "two.FAIL").unlink()
     code, out = invoke()
     assert code == 0, out
     assert [runs_of(n) for n in NAMES] == [1, 2, 1]  # one reused, two and three ran
+    # ... and a re-run of the same failed command resumes from its checkpoints, keeping its folder
+    assert (run / "two.runs.txt").read_text().splitlines() == ["None", "latest"]
+    assert (run / "two" / "output.txt").read_text() == "xx"
+    assert "resuming from its latest checkpoint" in out
     assert "reused" in out.splitlines()[0]
     assert (run / "logs" / "two.log").read_text().startswith("$ ")
 
@@ -92,10 +99,12 @@ def test_resumes_at_the_failed_stage(fake_pipeline):
 
 
 def test_force_and_from_stage(fake_pipeline):
-    _, runs_of, invoke, _ = fake_pipeline
+    run, runs_of, invoke, _ = fake_pipeline
     assert invoke()[0] == 0
     assert invoke(force=True)[0] == 0
     assert [runs_of(n) for n in NAMES] == [2, 2, 2]
+    assert (run / "two" / "output.txt").read_text() == "x"  # redone from a clean folder, not resumed
+    assert (run / "one" / "output.txt").read_text() == "xx"  # other stages overwrite their own outputs
     assert invoke(from_stage="two")[0] == 0
     assert [runs_of(n) for n in NAMES] == [2, 3, 3]
     assert invoke(until_stage="one", force=True)[0] == 0
@@ -129,8 +138,8 @@ def test_killed_driver_between_stages_does_not_reuse_stale_outputs(fake_pipeline
 
 def test_exit_zero_without_marker_is_a_failure(fake_pipeline):
     run, runs_of, invoke, _ = fake_pipeline
-    (run / "one").mkdir(parents=True)
-    (run / "one" / "NO_MARKER").touch()
+    run.mkdir(parents=True)
+    (run / "one.NO_MARKER").touch()
     code, out = invoke()
     assert code == 1 and "wrote no" in out
     assert runs_of("two") == 0

@@ -14,8 +14,10 @@ accelerate launch --multi_gpu --num_processes 8 scripts/rl_ppo.py --config confi
 
 Every flag can also come from the YAML file given with `--config`; the command line wins.
 Outputs in --output_dir: the policy (adapter or full weights, `value_head.safetensors`,
-tokenizer), `step_<n>/` checkpoints every --save_freq steps, `ppo_log.jsonl` (every
-statistic of every step plus the step's (query, response, reward) rows) and `ppo_results.json`.
+tokenizer), `checkpoint-<n>/` every --save_freq steps (the newest --save_total_limit kept),
+`ppo_log.jsonl` (every statistic of every step plus the step's (query, response, reward) rows)
+and `ppo_results.json`. After a stop, the same command with `--resume_from_checkpoint latest`
+goes on from the newest complete checkpoint and ends as the uninterrupted run would have.
 """
 
 import logging
@@ -30,7 +32,13 @@ from trl import ModelConfig
 
 from stackllama.cli import fail, parse_args
 from stackllama.data.loading import check_data_dir
-from stackllama.modeling import MissingDependencyError, ModelLoadError, count_parameters, load_tokenizer
+from stackllama.modeling import (
+    MissingDependencyError,
+    ModelLoadError,
+    accelerator_available,
+    count_parameters,
+    load_tokenizer,
+)
 from stackllama.ppo import LengthSampler, NonFiniteError, PPOConfig, PPOTrainer
 from stackllama.reward_function import RewardFunction
 from stackllama.rl import (
@@ -39,6 +47,7 @@ from stackllama.rl import (
     RLScriptArguments,
     build_query_dataset,
     check_model_dir,
+    checkpoint_to_resume,
     default_policy_model,
     default_reward_model,
     load_policy,
@@ -51,6 +60,9 @@ logger = logging.getLogger("stackllama.rl")
 
 def main(script_args: RLScriptArguments, config: PPOConfig, model_args: ModelConfig) -> dict:
     start = time.time()
+    # Without a GPU, processes started by torchrun / accelerate launch join over gloo (a bare
+    # PartialState() would make each of them a separate single-process run)
+    state = PartialState(cpu=not accelerator_available())
     if script_args.num_threads:
         torch.set_num_threads(script_args.num_threads)
     output_dir = Path(script_args.output_dir)
@@ -59,8 +71,9 @@ def main(script_args: RLScriptArguments, config: PPOConfig, model_args: ModelCon
         config.log_with = script_args.report_to
         config.project_kwargs.setdefault("project_dir", str(output_dir))
     config.log_jsonl = config.log_jsonl or str(output_dir / LOG_FILE)
-    if PartialState().is_main_process:
-        Path(config.log_jsonl).unlink(missing_ok=True)  # a new run starts a new log
+    resume = checkpoint_to_resume(script_args.resume_from_checkpoint, output_dir)
+    if resume is None and state.is_main_process:
+        Path(config.log_jsonl).unlink(missing_ok=True)  # a new run starts a new log (a resumed one cuts it)
     check_data_dir(script_args.data_dir)
 
     # Models: the SFT policy and the reward model (defaults: the stages' outputs beside output_dir)
@@ -73,7 +86,7 @@ def main(script_args: RLScriptArguments, config: PPOConfig, model_args: ModelCon
                                trust_remote_code=script_args.trust_remote_code)
 
     # Queries: `Question: q\n\nAnswer: ` from the rl subset, the over-long ones dropped and counted
-    with PartialState().main_process_first():  # one process tokenizes, the others read its cache
+    with state.main_process_first():  # one process tokenizes, the others read its cache
         dataset, dropped = build_query_dataset(
             script_args.data_dir, tokenizer, script_args.max_prompt_length, subset=script_args.subset,
             max_queries=script_args.max_queries, unique_questions=script_args.unique_questions, seed=config.seed)
@@ -102,34 +115,38 @@ def main(script_args: RLScriptArguments, config: PPOConfig, model_args: ModelCon
     results = {"policy": policy_path, "reward_model": reward_path, "data_dir": script_args.data_dir,
                "queries": len(dataset), "queries_dropped": dropped, "max_prompt_length": script_args.max_prompt_length,
                "output_min_length": script_args.output_min_length, "output_max_length": script_args.output_max_length,
-               "steps_planned": config.steps}
+               "steps_planned": config.steps, "resumed_from": str(resume) if resume else None}
     history = []
-    step = 0
-    progress = tqdm(total=config.steps, desc="PPO steps", disable=not ppo_trainer.accelerator.is_main_process)
-    while step < config.steps:
-        for batch in ppo_trainer.dataloader:
-            t0 = time.perf_counter()
-            query_tensors = batch["input_ids"]
-            response_tensors = ppo_trainer.generate(query_tensors, return_prompt=False,
-                                                    length_sampler=output_length_sampler, **generation_kwargs)
-            batch["response"] = tokenizer.batch_decode(response_tensors, skip_special_tokens=True)
-            t1 = time.perf_counter()
-            texts = [q + r for q, r in zip(batch["query"], batch["response"])]
-            rewards = [torch.tensor(s - reward_baseline) for s in reward_fn(texts, query_tensors, response_tensors)]
-            t2 = time.perf_counter()
-            stats = ppo_trainer.step(query_tensors, response_tensors, rewards)
-            stats.update({"time/generation": t1 - t0, "time/reward": t2 - t1, "time/step": time.perf_counter() - t0})
-            logs = ppo_trainer.log_stats(stats, batch, rewards)
-            step += 1
-            history.append({"reward": logs["env/reward_mean"], "kl": logs["objective/kl"], "seconds": logs["time/step"],
-                            "generation": logs["time/generation"], "scoring": logs["time/reward"],
-                            "ppo_step": logs["time/ppo/total"]})
-            progress.update(1)
-            progress.set_postfix(reward=f"{logs['env/reward_mean']:.3f}", kl=f"{logs['objective/kl']:.3f}")
-            if script_args.save_freq and step % script_args.save_freq == 0:
-                ppo_trainer.save_pretrained(str(output_dir / f"step_{step}"))
-            if step >= config.steps:
-                break
+    if resume is not None:  # last: it restores the random generators
+        saved = ppo_trainer.load_checkpoint(resume, length_sampler=output_length_sampler)
+        history, reward_fn.use_fast_path = saved.get("history", []), saved.get("reward_fast_path")
+        logger.info("resumed from %s at step %d", resume, ppo_trainer.current_step)
+    step = ppo_trainer.current_step
+    progress = tqdm(total=config.steps, initial=step, desc="PPO steps", disable=not ppo_trainer.accelerator.is_main_process)
+    for batch in ppo_trainer.batches():  # epoch after epoch, from the checkpoint's position when resumed
+        if step >= config.steps:
+            break
+        t0 = time.perf_counter()
+        query_tensors = batch["input_ids"]
+        response_tensors = ppo_trainer.generate(query_tensors, return_prompt=False,
+                                                length_sampler=output_length_sampler, **generation_kwargs)
+        batch["response"] = tokenizer.batch_decode(response_tensors, skip_special_tokens=True)
+        t1 = time.perf_counter()
+        texts = [q + r for q, r in zip(batch["query"], batch["response"])]
+        rewards = [torch.tensor(s - reward_baseline) for s in reward_fn(texts, query_tensors, response_tensors)]
+        t2 = time.perf_counter()
+        stats = ppo_trainer.step(query_tensors, response_tensors, rewards)
+        stats.update({"time/generation": t1 - t0, "time/reward": t2 - t1, "time/step": time.perf_counter() - t0})
+        logs = ppo_trainer.log_stats(stats, batch, rewards)
+        step += 1
+        history.append({"reward": logs["env/reward_mean"], "kl": logs["objective/kl"], "seconds": logs["time/step"],
+                        "generation": logs["time/generation"], "scoring": logs["time/reward"],
+                        "ppo_step": logs["time/ppo/total"]})
+        progress.update(1)
+        progress.set_postfix(reward=f"{logs['env/reward_mean']:.3f}", kl=f"{logs['objective/kl']:.3f}")
+        if script_args.save_freq and step % script_args.save_freq == 0:
+            ppo_trainer.save_checkpoint(output_dir, {"history": history, "reward_fast_path": reward_fn.use_fast_path},
+                                        script_args.save_total_limit, length_sampler=output_length_sampler)
     progress.close()
 
     # Save: adapter (or full weights) + value head + tokenizer, and the run's figures

@@ -50,7 +50,13 @@ class RLScriptArguments:
     output_min_length: int = field(default=32, metadata={"help": "Response length is uniform in [min, max)."})
     output_max_length: int = field(default=128, metadata={"help": "Upper bound (excluded) of the response length."})
     save_freq: int | None = field(default=None, metadata={
-        "help": "Save the policy (adapter + value head) to output_dir/step_<n> every this many PPO steps."})
+        "help": "Write a checkpoint output_dir/checkpoint-<n> every this many PPO steps: the policy (adapter or "
+                "full weights + value head), optimizer, random states, data position, KL coefficient, score moments."})
+    save_total_limit: int | None = field(default=None, metadata={
+        "help": "Keep only the newest this many checkpoints (None: keep all)."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "`latest`: go on from the newest complete checkpoint in output_dir (start fresh when there is none); "
+                "or a checkpoint folder. The resumed run is the run that would have happened without the stop."})
     report_to: str = field(default="none", metadata={
         "help": "Tracker for the statistics: none, wandb, tensorboard (sets PPOConfig.log_with). "
                 "A JSONL file of all statistics and sample rows is always written to output_dir."})
@@ -158,6 +164,23 @@ def load_policy(model_args, tokenizer, trust_remote_code: bool = False):
 
 
 # --------------------------------------------------------------------------- outputs
+
+
+def checkpoint_to_resume(value: str | None, output_dir: str | Path) -> Path | None:
+    """The checkpoint `--resume_from_checkpoint` names (None: start fresh).
+
+    A fresh start refuses an output folder that already holds complete checkpoints: they
+    belong to an earlier run, and `latest` or `--save_total_limit` would take them for this
+    run's (a stale `checkpoint-60` outranks a new `checkpoint-20`)."""
+    from .checkpoint import latest_checkpoint, resolve_resume
+    from .ppo.checkpointing import PREFIX
+
+    resume = resolve_resume(value, output_dir, PREFIX)
+    stale = latest_checkpoint(output_dir, PREFIX) if resume is None else None
+    if stale is not None:
+        raise ValueError(f"{output_dir} holds checkpoints of an earlier run ({stale.name}): continue it with "
+                         "--resume_from_checkpoint latest, or remove them (or choose another --output_dir) to start afresh")
+    return resume
 
 
 

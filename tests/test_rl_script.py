@@ -175,7 +175,7 @@ def test_rl_script_end_to_end(run_dir, tmp_path):
     assert json.loads((out / "ppo_results.json").read_text())["steps"] == 3
 
     # checkpoint every 2 steps; the final policy reloads with its value head
-    assert (out / "step_2" / "value_head.safetensors").is_file() and not (out / "step_3").exists()
+    assert (out / "checkpoint-2" / "value_head.safetensors").is_file() and not (out / "checkpoint-3").exists()
     reloaded = AutoModelForCausalLMWithValueHead.from_pretrained(str(out))
     from safetensors.torch import load_file
 

@@ -16,14 +16,19 @@ class NonFiniteError(FloatingPointError):
     anything reached the weights."""
 
 
-def check_finite(name: str, tensor: torch.Tensor, hint: str = "") -> None:
-    """Raise :class:`NonFiniteError` naming ``name`` if ``tensor`` holds a NaN or inf."""
+def check_finite(name: str, tensor: torch.Tensor, hint: str = "", step: int | None = None) -> None:
+    """Raise :class:`NonFiniteError` naming the stage, ``step`` and ``name`` if ``tensor`` holds a NaN or inf."""
     if not torch.isfinite(tensor).all():
         bad = (~torch.isfinite(tensor)).sum().item()
         raise NonFiniteError(
-            f"PPO step stopped: {bad} non-finite value(s) (NaN/inf) in {name}; the weights and the "
+            f"{stopped(step)}: {bad} non-finite value(s) (NaN/inf) in {name}; the weights and the "
             f"optimizer state were not updated by this minibatch. {hint}".strip()
         )
+
+
+def stopped(step: int | None) -> str:
+    """The head of every NaN/inf message: the stage and, when known, the step (counted from 1)."""
+    return "PPO step stopped" if step is None else f"PPO step {step} stopped"
 
 
 def check_generation_kwargs(kwargs: dict, generation_config, vocab_size: int, allow_eos_suppression: bool) -> None:

@@ -17,3 +17,12 @@ class LengthSampler:
 
     def __call__(self) -> int:
         return self._rng.choice(self.values)
+
+    def state_dict(self) -> dict:
+        """Its own generator's state (for checkpoints); empty when it draws from the global
+        ``random``, which the checkpoint's process RNG state already holds."""
+        return {"rng": self._rng.getstate()} if isinstance(self._rng, random.Random) else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "rng" in state and isinstance(self._rng, random.Random):
+            self._rng.setstate(state["rng"])

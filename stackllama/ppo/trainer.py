@@ -27,10 +27,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -39,6 +41,8 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .. import checkpoint
+from . import checkpointing as ckpt
 from . import core
 from .config import PPOConfig
 from .guards import (
@@ -49,10 +53,13 @@ from .guards import (
     effective_generation_param,
     flatten_stop_ids,
     negative_kl_message,
+    stopped,
 )
 from .kl_controllers import AdaptiveKLController, FixedKLController
 from .optim import AdamTFStyle
 from .value_head import AutoModelForCausalLMWithValueHead, eval_mode
+
+logger = logging.getLogger(__name__)
 
 
 def default_collator(data: Sequence[dict]) -> dict:
@@ -135,6 +142,8 @@ class PPOTrainer:
                 optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
         self.data_collator = data_collator or default_collator
         self.dataloader = None
+        # The data order's own generator, kept so a checkpoint can restore an epoch's order.
+        self._data_generator = torch.Generator().manual_seed(cfg.seed)
         if dataset is not None:
             self.dataloader = DataLoader(
                 dataset,
@@ -142,7 +151,7 @@ class PPOTrainer:
                 collate_fn=self.data_collator,
                 shuffle=True,
                 drop_last=True,
-                generator=torch.Generator().manual_seed(cfg.seed),
+                generator=self._data_generator,
             )
         if self.dataloader is not None:
             self.model, self.optimizer, self.dataloader = self.accelerator.prepare(model, optimizer, self.dataloader)
@@ -158,6 +167,9 @@ class PPOTrainer:
         self.running = core.RunningMoments()
         self.current_step = 0
         self._perm_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        # Data position (for checkpoints): epoch, batches of it taken, generator state at its start
+        self.epoch, self.batch_in_epoch = 0, 0
+        self._epoch_start_state = self._data_generator.get_state()
         self._sampling_temperature = 1.0
         self._generation_cache: Optional[list] = None
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
@@ -187,6 +199,25 @@ class PPOTrainer:
     @property
     def unwrapped_model(self) -> AutoModelForCausalLMWithValueHead:
         return self.accelerator.unwrap_model(self.model)
+
+    # =====================================================================================
+    # 0. queries
+    # =====================================================================================
+    def batches(self):
+        """The dataloader's batches, epoch after epoch, without end, from the current position:
+        the batch after the last one taken, or after ``load_checkpoint`` the one after the
+        checkpoint's (the epoch's order is replayed from its saved start and the batches
+        already taken are skipped). The position is what ``save_checkpoint`` records."""
+        while True:
+            self._data_generator.set_state(self._epoch_start_state)
+            taken = self.batch_in_epoch
+            for i, batch in enumerate(self.dataloader):
+                if i >= taken:
+                    self.batch_in_epoch = i + 1
+                    yield batch
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            self._epoch_start_state = self._data_generator.get_state()
 
     # =====================================================================================
     # 1. rollout: sampling
@@ -319,7 +350,7 @@ class PPOTrainer:
         queries = [q.to(device) for q in queries]
         responses = [r.to(device) for r in responses]
         scores = torch.stack([torch.as_tensor(s, dtype=torch.float32).reshape(()) for s in scores]).to(device)
-        check_finite("rewards (scores passed to step)", scores, "Check the reward model / reward function output.")
+        self._check_finite("rewards (scores passed to step)", scores, "Check the reward model / reward function output.")
         raw_scores = scores.clone()
 
         # --- scores: missing-EOS penalty (on the raw score), scaling / normalisation, clipping
@@ -342,7 +373,7 @@ class PPOTrainer:
         cached = self._take_generation_cache(responses) if self._reuse_generation else None
         logprobs, values, ref_logprobs, kl = self._rollout_forward(batch, temperature, cached)
         timing["time/ppo/forward_pass"] = time.perf_counter() - t
-        check_finite("rollout log-probs", logprobs * mask, "The policy produced NaN/inf logits.")
+        self._check_finite("rollout log-probs", logprobs * mask, "The policy produced NaN/inf logits.")
 
         # --- 2. per-token rewards: r_t = -beta KL_t (+ score at the last token)
         t = time.perf_counter()
@@ -381,6 +412,13 @@ class PPOTrainer:
         if not self.config.scale_logits_by_temperature:
             return 1.0
         return float(self.config.temperature) if self.config.temperature is not None else self._sampling_temperature
+
+    def _check_finite(self, name: str, tensor: torch.Tensor, hint: str) -> None:
+        """``check_finite`` over every process's tensor, so that all processes stop together
+        (one stopping alone would leave the others waiting in the next collective)."""
+        if self.accelerator.num_processes > 1:
+            tensor = self.accelerator.gather(self.accelerator.pad_across_processes(tensor.reshape(-1).float()))
+        check_finite(name, tensor, hint, self.current_step + 1)
 
     def _update_running_moments(self, scores: torch.Tensor) -> None:
         if self.accelerator.num_processes > 1:
@@ -560,7 +598,7 @@ class PPOTrainer:
         flags = torch.stack([loss.detach().float(), avg_ratio_t.float()])[None]
         if self.accelerator.num_processes > 1:
             flags = self.accelerator.gather(flags)
-        check_finite("the PPO loss", flags[:, 0], "Look for NaN/inf logits or values (fp16 overflow?).")
+        check_finite("the PPO loss", flags[:, 0], "Look for NaN/inf logits or values (fp16 overflow?).", self.current_step + 1)
         avg_ratio = avg_ratio_t.item()
         skipped = flags[:, 1].max().item() > cfg.ratio_threshold
         did_backward = True
@@ -614,7 +652,7 @@ class PPOTrainer:
         if not torch.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(
-                "PPO step stopped: non-finite gradient norm; the gradients were discarded and the weights "
+                f"{stopped(self.current_step + 1)}: non-finite gradient norm; the gradients were discarded and the weights "
                 "and optimizer state were not updated. Look for NaN/inf in logits or values, or lower the lr."
             )
         if self.config.max_grad_norm is not None:
@@ -713,6 +751,78 @@ class PPOTrainer:
             self.unwrapped_model.save_pretrained(save_directory)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(save_directory)
+
+    def save_checkpoint(self, output_dir: str, extra: Optional[dict] = None, save_total_limit: Optional[int] = None,
+                        **stateful) -> Path:
+        """Writes ``<output_dir>/checkpoint-<step>/`` with everything a resumed run needs to go on
+        as if never stopped (files: :mod:`stackllama.ppo.checkpointing`), then keeps only the
+        newest ``save_total_limit`` checkpoints.
+
+        The folder is written under a staging name and renamed when complete (marker last), so
+        a kill during the save leaves nothing that ``load_checkpoint`` would trust. ``extra``:
+        JSON-able state of the caller (returned by ``load_checkpoint``); ``stateful``: objects
+        with ``state_dict`` / ``load_state_dict`` saved per process (e.g. the length sampler).
+        Call it on every process: each writes its own random state.
+        """
+        start = time.perf_counter()
+        acc = self.accelerator
+        final = ckpt.checkpoint_dir(output_dir, self.current_step)
+        if acc.is_main_process:
+            checkpoint.clear_staging(final)
+        acc.wait_for_everyone()
+        staging = checkpoint.staging_dir(final)
+        if acc.is_main_process:
+            self.unwrapped_model.save_pretrained(str(staging))
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(str(staging))
+            torch.save(self.optimizer.state_dict(), staging / ckpt.OPTIMIZER_FILE)
+            state = {**self.state_dict(), "num_processes": acc.num_processes, "batch_size": self.config.batch_size,
+                     "data": {"epoch": self.epoch, "batch": self.batch_in_epoch,
+                              "batches_per_epoch": len(self.dataloader) if self.dataloader is not None else None},
+                     "extra": extra or {}}
+            (staging / ckpt.TRAINER_STATE).write_text(json.dumps(state, indent=1) + "\n")
+        rng = {"rng": ckpt.encode_rng(checkpoint.rng_state()), "perm_generator": self._perm_gen.get_state(),
+               "data_epoch_start": self._epoch_start_state, **{k: v.state_dict() for k, v in stateful.items()}}
+        torch.save(rng, staging / ckpt.rng_file(acc.process_index))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            checkpoint.finalize(staging, final, {"stage": "ppo", "step": self.current_step})
+            checkpoint.prune(output_dir, ckpt.PREFIX, save_total_limit)
+            logger.info("saved %s (%.2f s)", final, time.perf_counter() - start)
+        acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, directory: str, **stateful) -> dict:
+        """Restores a ``save_checkpoint`` folder into this trainer (built as for a fresh run, so
+        the reference policy stays the starting model) and returns the caller's ``extra``.
+        The log is cut back to the checkpoint's step. Call it last before the loop: it sets
+        the random generators."""
+        directory = Path(directory)
+        acc = self.accelerator
+        state = json.loads((directory / ckpt.TRAINER_STATE).read_text())
+        batches = len(self.dataloader) if self.dataloader is not None else None
+        saved = (state["num_processes"], state["batch_size"], state["data"]["batches_per_epoch"])
+        if saved != (acc.num_processes, self.config.batch_size, batches):
+            raise ValueError(
+                f"{directory} was written by {saved[0]} process(es) with batch_size {saved[1]} and {saved[2]} batches per "
+                f"epoch; this run has {acc.num_processes}, {self.config.batch_size} and {batches}. Resume with the same "
+                "processes, batch size and queries, or start a new run.")
+        ckpt.load_policy_weights(self.unwrapped_model, directory)
+        optimizer_state = torch.load(directory / ckpt.OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(optimizer_state)  # moved to the parameters' device
+        self.load_state_dict(state)
+        self.epoch, self.batch_in_epoch = state["data"]["epoch"], state["data"]["batch"]
+        if self.current_step > 0:
+            self.unwrapped_model.train()  # as the last update left it (matters when rollouts keep dropout)
+        if self.config.log_jsonl and acc.is_main_process:
+            ckpt.truncate_log(self.config.log_jsonl, self.current_step)
+        rng = torch.load(directory / ckpt.rng_file(acc.process_index), map_location="cpu", weights_only=True)
+        for name, obj in stateful.items():
+            obj.load_state_dict(rng[name])
+        self._perm_gen.set_state(rng["perm_generator"])
+        self._epoch_start_state = rng["data_epoch_start"]
+        checkpoint.set_rng_state(ckpt.decode_rng(rng["rng"]))
+        return state["extra"]
 
     def state_dict(self) -> dict:
         """Trainer state beyond the weights (for resuming): step, KL coef, score moments."""

@@ -14,6 +14,12 @@ The recipe (LLaMA-7B SFT model, LoRA r=8, bf16, 8 GPUs):
 ```bash
 accelerate launch --multi_gpu --num_processes 8 scripts/reward_modeling.py --config configs/reward/llama-7b.yaml
 ```
+
+With `--save_strategy steps --save_steps N`, a checkpoint is written every N steps (staged, then
+marked complete and renamed, so a kill never leaves one that resume would trust; `--save_total_limit`
+keeps the newest); `--resume_from_checkpoint latest` continues from the newest complete one (or
+starts fresh when there is none). The untrained model's figures are saved with each checkpoint and
+reused on resume.
 """
 
 import logging
@@ -24,6 +30,7 @@ from trl import ModelConfig, RewardConfig
 
 from stackllama.cli import fail, parse_args
 from stackllama.data.loading import check_data_dir, load_pairs
+from stackllama.hf_trainer import NonFiniteError, carried_results, resolve_resume
 from stackllama.modeling import (
     MissingDependencyError,
     ModelLoadError,
@@ -36,6 +43,7 @@ from stackllama.modeling import (
 from stackllama.reward import (
     RESULTS_FILE,
     RewardScriptArguments,
+    build_trainer,
     default_sft_model,
     evaluate_pairs,
     format_metrics,
@@ -52,6 +60,7 @@ def main(script_args: RewardScriptArguments, training_args: RewardConfig, model_
     start = time.time()
     configure_reporting(training_args)
     check_data_dir(script_args.data_dir)
+    resume = None if script_args.eval_only else resolve_resume(training_args)
     results = {"data_dir": script_args.data_dir, "max_length": training_args.max_length,
                "use_peft": model_args.use_peft}
     set_seed(training_args.seed)  # the new score head's initialisation is part of the run
@@ -97,26 +106,26 @@ def main(script_args: RewardScriptArguments, training_args: RewardConfig, model_
     if results["train_pairs"] == 0:
         raise ValueError(f"no training pair fits in --max_length {training_args.max_length}")
 
-    if script_args.eval_before_training:
+    carried = carried_results(resume)  # the untrained model's figures, saved with the checkpoint
+    if script_args.eval_before_training and "eval_before" in carried:
+        results["eval_before"] = carried["eval_before"]
+        logger.info("untrained model (from %s)\n%s", resume, format_metrics(results["eval_before"]))
+    elif script_args.eval_before_training:
         results["eval_before"] = evaluate_pairs(model, tokenizer, eval_dataset, batch_size)
         logger.info("untrained model\n%s", format_metrics(results["eval_before"]))
 
-    # Trainer: TRL's RewardTrainer (pairwise loss, accuracy and margin in its logs)
-    from trl import RewardTrainer
-
-    trainer = RewardTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
+    # Trainer: TRL's RewardTrainer (pairwise loss, accuracy and margin in its logs), staged checkpoints, NaN stop
+    trainer = build_trainer(
+        model, tokenizer, training_args, train_dataset,
         eval_dataset=eval_dataset.remove_columns("gap") if training_args.eval_strategy != "no" else None,
-        processing_class=tokenizer,
         peft_config=lora_config(model_args, task_type="SEQ_CLS"),
     )
+    trainer.carried_results = {"eval_before": results["eval_before"]} if "eval_before" in results else {}
     trainable, total = count_parameters(trainer.model)
     logger.info("parameters: %s trainable of %s", f"{trainable:,}", f"{total:,}")
 
-    # Train, then evaluate on the held-out pairs
-    train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    # Train (from the checkpoint when resuming: weights, optimizer, scheduler, RNG, data position), then evaluate
+    train_output = trainer.train(resume_from_checkpoint=resume)
     results["train_loss"] = train_output.training_loss
     results["global_step"] = train_output.global_step
     results["train_runtime_s"] = train_output.metrics.get("train_runtime")
@@ -148,5 +157,5 @@ if __name__ == "__main__":
     args = parse_args((RewardScriptArguments, RewardConfig, ModelConfig), description=__doc__)
     try:
         main(*args)
-    except (ValueError, FileNotFoundError, MissingDependencyError, ModelLoadError) as error:
+    except (ValueError, FileNotFoundError, MissingDependencyError, ModelLoadError, NonFiniteError) as error:
         fail(str(error))

@@ -16,6 +16,12 @@ accelerate launch --multi_gpu --num_processes 8 scripts/sft.py --config configs/
     --model_name_or_path huggyllama/llama-7b --data_dir lvwerra/stack-exchange-paired
 ```
 
+With `--save_strategy steps --save_steps N`, a checkpoint is written every N steps (staged, then
+marked complete and renamed, so a kill never leaves one that resume would trust; `--save_total_limit`
+keeps the newest); `--resume_from_checkpoint latest` continues from the newest complete one (or
+starts fresh when there is none), `--resume_from_checkpoint <output_dir>/checkpoint-N` from that one.
+The untrained model's held-out loss is saved with each checkpoint and reused on resume.
+
 Every flag can also come from the YAML file given with `--config`; the command line wins.
 """
 
@@ -25,6 +31,7 @@ import time
 from trl import ModelConfig, SFTConfig
 
 from stackllama.cli import fail, parse_args
+from stackllama.hf_trainer import NonFiniteError, resolve_resume
 from stackllama.modeling import (
     MissingDependencyError,
     ModelLoadError,
@@ -40,6 +47,7 @@ from stackllama.sft import (
     SFTScriptArguments,
     build_trainer,
     check_training_args,
+    evaluate_untrained,
     load_sft_datasets,
     perplexity,
     resolve_base_model,
@@ -53,6 +61,7 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     start = time.time()
     check_training_args(training_args, script_args)
     configure_reporting(training_args)
+    resume = resolve_resume(training_args)  # `latest`: the newest complete checkpoint, None before the first
 
     # Data: held-out questions for evaluation, the rest for training
     with training_args.main_process_first(desc="loading the SFT data"):
@@ -91,13 +100,16 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
         "total_parameters": total,
     }
     if eval_dataset is not None and script_args.eval_before_training:
-        before = trainer.evaluate(metric_key_prefix="eval_before")
-        results["eval_loss_before"] = before["eval_before_loss"]
-        results["perplexity_before"] = perplexity(before["eval_before_loss"])
-        logger.info("untrained eval loss %.4f (perplexity %.1f)", results["eval_loss_before"], results["perplexity_before"])
+        trainer.before_training = evaluate_untrained  # on a fresh start; a resumed run has it from its checkpoint
 
-    # Train
-    train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    # Train (from the checkpoint when resuming: weights, optimizer, scheduler, RNG, data position)
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    if eval_dataset is not None and script_args.eval_before_training:
+        if "eval_loss_before" in trainer.carried_results:
+            results.update({k: trainer.carried_results[k] for k in ("eval_loss_before", "perplexity_before")})
+        else:
+            logger.warning("%s holds no figures of the untrained model; they are not recomputed on the partly "
+                           "trained one", resume)
     results["global_step"] = train_output.global_step
     results["train_loss"] = train_output.training_loss
     results["train_runtime_s"] = train_output.metrics.get("train_runtime")
@@ -137,5 +149,5 @@ if __name__ == "__main__":
     args = parse_args((SFTScriptArguments, SFTConfig, ModelConfig), description=__doc__)
     try:
         main(*args)
-    except (ValueError, FileNotFoundError, MissingDependencyError, ModelLoadError) as error:
+    except (ValueError, FileNotFoundError, MissingDependencyError, ModelLoadError, NonFiniteError) as error:
         fail(str(error))

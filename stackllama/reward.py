@@ -12,7 +12,9 @@ What is added here:
 - `evaluate_pairs` reports accuracy, mean margin and accuracy by `pm_score` gap (1, 2, 3+),
   beside the "longer answer wins" baseline that a length-only model would reach;
 - `load_reward_model` / `score_texts` load a saved model (full weights or a LoRA adapter)
-  and score text, for `--eval_only` and for the PPO stage.
+  and score text, for `--eval_only` and for the PPO stage;
+- `build_trainer`: TRL's `RewardTrainer` with the project's checkpoints (staged, marked
+  complete, `--resume_from_checkpoint latest`) and NaN/inf stop (`stackllama.hf_trainer`).
 """
 
 from __future__ import annotations
@@ -168,6 +170,22 @@ def evaluate_pairs(model, tokenizer, tokenized, batch_size: int = 16) -> dict:
     n = len(chosen)
     return pair_metrics(scores[:n], scores[n:], gaps=list(tokenized["gap"]),
                         length_j=[len(c) for c in chosen], length_k=[len(r) for r in rejected])
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=None, peft_config=None):
+    """TRL's `RewardTrainer` (the pairwise loss) with `stackllama.hf_trainer`'s additions."""
+    from trl import RewardTrainer
+
+    from .hf_trainer import AtomicCheckpointMixin
+
+    class StackRewardTrainer(AtomicCheckpointMixin, RewardTrainer):
+        stage = "reward"
+
+    return StackRewardTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                              processing_class=tokenizer, peft_config=peft_config)
 
 
 # --------------------------------------------------------------------------- models

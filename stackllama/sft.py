@@ -11,6 +11,8 @@ the `finetune` subset with TRL's `SFTTrainer`:
 - a held-out slice chosen by question id (no question in both train and eval), evaluated
   before and after training (loss, perplexity);
 - LoRA / 8-bit / 4-bit through `stackllama.modeling`;
+- checkpoints every `save_steps` that a kill cannot corrupt, `--resume_from_checkpoint latest`,
+  and a stop on a NaN/inf loss or gradient (`stackllama.hf_trainer`);
 - without `--model_name_or_path`, the tiny default model (`stackllama.tiny_model`) is built
   beside the output folder and trained from scratch.
 """
@@ -155,8 +157,13 @@ def load_sft_datasets(args: SFTScriptArguments, seed: int = 42):
 def _sft_trainer_class():
     from trl import SFTTrainer
 
-    class StackSFTTrainer(SFTTrainer):
-        """`SFTTrainer` that drops short packed blocks and logs the non-pad share of each batch."""
+    from .hf_trainer import AtomicCheckpointMixin
+
+    class StackSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
+        """`SFTTrainer` that drops short packed blocks and logs the non-pad share of each batch, with
+        the project's checkpoints (staged, marked complete, `latest` resume) and NaN/inf stop."""
+
+        stage = "sft"
 
         def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
             dataset = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
@@ -212,6 +219,14 @@ def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=N
         peft_config=peft_config,
         callbacks=callbacks,
     )
+
+
+def evaluate_untrained(trainer) -> dict:
+    """Held-out loss and perplexity of the model before its first step (the trainer's `before_training`:
+    run inside `train()`, so the model is evaluated as prepared for training; see `stackllama.hf_trainer`)."""
+    loss = trainer.evaluate(metric_key_prefix="eval_before")["eval_before_loss"]
+    logger.info("untrained eval loss %.4f (perplexity %.1f)", loss, perplexity(loss))
+    return {"eval_loss_before": loss, "perplexity_before": perplexity(loss)}
 
 
 def check_training_args(training_args, script_args: SFTScriptArguments) -> None:

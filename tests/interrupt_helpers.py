@@ -1,4 +1,5 @@
-"""Killing a stage's script for real (SIGKILL) at a chosen point, for the resume tests.
+"""Running a stage's script as tests need it: killed for real (SIGKILL) at a chosen point for the
+resume tests, or under torchrun with several processes.
 
 A point "inside training" or "inside a checkpoint write" is made reachable without touching
 the package: `hook_env` writes a `sitecustomize.py` (run by Python at start-up in the child)
@@ -64,3 +65,20 @@ def run(command: list[str], env: dict | None = None, timeout: float = 600) -> su
 
 
 PYTHON = sys.executable
+
+
+def torchrun(args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 300) -> str:
+    """`python -m torch.distributed.run --standalone --nproc_per_node <nproc> <args>` from the repository
+    root, to the end; returns stdout + stderr. On a timeout the launcher and all its workers are killed
+    (they share a new session), so a hung collective cannot outlive the test."""
+    command = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"{nproc}-process run timed out after {timeout:.0f} s: {' '.join(args[:1])}")
+    assert proc.returncode == 0, output[-4000:]
+    return output

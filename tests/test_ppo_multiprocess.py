@@ -3,11 +3,9 @@ gradients synchronised (same weights on every rank), global score moments."""
 
 import json
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
+from interrupt_helpers import torchrun
 
 WORKER = os.path.join(os.path.dirname(__file__), "ppo_multiprocess_worker.py")
 
@@ -15,15 +13,7 @@ WORKER = os.path.join(os.path.dirname(__file__), "ppo_multiprocess_worker.py")
 @pytest.mark.slow
 def test_two_process_ppo_steps(tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER, str(tmp_path)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
-        proc.communicate()
-        pytest.fail("two-process PPO run timed out")
-    assert proc.returncode == 0, stderr[-3000:]
+    torchrun([WORKER, str(tmp_path)], env=env, timeout=180)
     results = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
     assert results[0]["kl"] == pytest.approx(results[1]["kl"])  # KL averaged over ranks
     assert results[0]["kl_coef"] == pytest.approx(results[1]["kl_coef"])  # one beta everywhere

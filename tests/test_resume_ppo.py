@@ -287,25 +287,14 @@ def test_two_processes_resume_to_the_same_run(run_dir):
     resuming from checkpoint-2 in the same folder redoes steps 3-4 exactly (and replaces
     checkpoint-4 and the log rows of steps 3-4)."""
     import os
-    import signal
-    import subprocess
+
+    from interrupt_helpers import torchrun
 
     out = run_dir / "two_processes"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    launcher = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
     def launch(*extra):
-        cmd = launcher + command(run_dir, out, "--steps", "4", *extra)[1:]
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        try:
-            output, _ = proc.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
-            proc.communicate()
-            pytest.fail("two-process PPO run timed out")
-        assert proc.returncode == 0, output[-4000:]
-        return output
+        return torchrun(command(run_dir, out, "--steps", "4", *extra)[1:], env=env)
 
     launch()
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())

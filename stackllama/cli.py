@@ -18,7 +18,7 @@ def parse_args(dataclass_types: Sequence[type], args: Sequence[str] | None = Non
     from trl import TrlParser
 
     parser = TrlParser(list(dataclass_types), description=description, formatter_class=_HelpFormatter)
-    _default_to_fp32_without_gpu(parser)
+    _cpu_defaults_without_gpu(parser)
     try:
         return parser.parse_args_and_config(args=args)
     except (OSError, yaml.YAMLError) as e:
@@ -32,15 +32,19 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     with its example commands, printed as written."""
 
 
-def _default_to_fp32_without_gpu(parser) -> None:
-    """TRL's configs default to `bf16=True`, which `TrainingArguments` rejects on a machine
-    without a GPU; there the default becomes fp32 (a config file or flag still wins)."""
-    if not any(action.dest == "bf16" for action in parser._actions):
+def _cpu_defaults_without_gpu(parser) -> None:
+    """On a machine without a GPU: fp32 instead of TRL's `bf16=True` default (which
+    `TrainingArguments` rejects there), and `use_cpu=True`, without which transformers sets up
+    accelerate without `cpu=True` and the processes started by `torchrun` / `accelerate launch`
+    each train alone on the same data, all writing the same folder. A config file or flag wins."""
+    dests = {action.dest for action in parser._actions}
+    if not dests & {"bf16", "use_cpu"}:
         return
     import torch
 
-    if not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())):
-        parser.set_defaults(bf16=False)
+    if torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        return
+    parser.set_defaults(**{name: value for name, value in (("bf16", False), ("use_cpu", True)) if name in dests})
 
 
 def fail(message: str, prog: str | None = None) -> None:

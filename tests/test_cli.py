@@ -48,3 +48,7 @@ def test_trainer_configs_default_to_fp32_without_gpu(tmp_path):
 
     (args,) = parse_args([RewardConfig], ["--output_dir", str(tmp_path)])
     assert args.bf16 is (torch.cuda.is_available())
+    # and on CPU, processes started by torchrun / accelerate join one run (see test_multiprocess_sft_reward.py)
+    assert args.use_cpu is (not torch.cuda.is_available())
+    (args,) = parse_args([RewardConfig], ["--output_dir", str(tmp_path), "--use_cpu", "false"])
+    assert args.use_cpu is False  # a flag still wins

@@ -36,8 +36,8 @@ from stackllama.evaluation import (
     write_samples,
 )
 from stackllama.modeling import MissingDependencyError, ModelLoadError
-from stackllama.report import LogSources, TrainingLogs, build_report, headline, publish_dir, read_json
-from stackllama.stage import run_dir, setup_logging, write_results
+from stackllama.report import LogSources, TrainingLogs, build_report, headline, read_json
+from stackllama.stage import replace_dir, run_dir, setup_logging, write_results
 
 logger = logging.getLogger("stackllama.evaluation")
 
@@ -87,7 +87,7 @@ def main(args: EvaluateScriptArguments) -> dict:
                         "missing_logs": summary["missing"],
                         "wall_time_s": round(time.time() - start, 1)})
         write_results(tmp, RESULTS_FILE, results)  # last: the completion marker
-        publish_dir(tmp, output_dir)
+        replace_dir(tmp, output_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("mean score SFT %.3f, PPO %.3f. %s", results["sft"]["mean_score"], results["ppo"]["mean_score"],

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .stage import replace_dir
+
 logger = logging.getLogger(__name__)
 
 MARKER = "checkpoint_complete.json"
@@ -66,14 +68,7 @@ def finalize(staging: str | os.PathLike, final: str | os.PathLike, info: dict | 
     tmp = staging / (MARKER + ".tmp")
     tmp.write_text(json.dumps(marker, indent=2, default=str) + "\n")
     os.replace(tmp, staging / MARKER)
-    if final.exists():  # the same step saved again (a resumed run): swap, then drop the old one
-        old = final.parent / f".{final.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, final)
+    replace_dir(staging, final)  # the same step saved again (a resumed run) replaces the older one
     return final
 
 

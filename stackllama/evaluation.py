@@ -244,18 +244,6 @@ def load_policies(sft_path: str, ppo_path: str, dtype: str | None = "auto", devi
 # --------------------------------------------------------------------------- generation
 
 
-def left_pad(sequences: Sequence[torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), prompts aligned on the right as `generate` needs."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        if len(s):
-            ids[i, width - len(s):] = s
-            mask[i, width - len(s):] = 1
-    return ids, mask
-
-
 def truncate_response(tokens: torch.Tensor, eos_ids: Sequence[int], max_length: int | None = None) -> torch.Tensor:
     """The first `max_length` tokens, cut after the first EOS (kept), as the PPO trainer cuts."""
     tokens = tokens[:max_length] if max_length is not None else tokens
@@ -277,6 +265,8 @@ def generate_responses(policy: Policy, queries: Sequence[torch.Tensor], lengths:
     so two policies given the same arguments draw the same random numbers.
     """
     from tqdm import tqdm
+
+    from .ppo.trainer import left_pad
 
     order = sorted(range(len(queries)), key=lambda i: (lengths[i], i))
     responses: list[torch.Tensor | None] = [None] * len(queries)
@@ -312,6 +302,7 @@ def response_logprobs(policy: Policy, queries: Sequence[torch.Tensor], responses
     from tqdm import tqdm
 
     from .ppo.core import logprobs_from_logits, position_ids_from_attention_mask
+    from .ppo.trainer import left_pad
 
     out: list[torch.Tensor] = []
     device = policy.device

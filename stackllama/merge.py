@@ -32,7 +32,7 @@ from typing import Literal
 from .data.template import format_example
 from .modeling import BITSANDBYTES_HINT, MissingDependencyError, _load_error, kbit_device_map, load_tokenizer, torch_dtype
 from .ppo.value_head import VALUE_HEAD_CONFIG, VALUE_HEAD_FILE
-from .stage import write_results
+from .stage import replace_dir, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def merge_adapter(
         results["wall_time_s"] = round(time.time() - start, 1)
         write_model_card(tmp, str(output_dir), results)
         write_results(tmp, RESULTS_FILE, results)
-        _move_into_place(tmp, output_dir)
+        replace_dir(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -382,20 +382,6 @@ def _check_output(output_dir: Path, overwrite: bool, adapter_dir: Path, base: st
             raise ValueError(f"--output_name {output_dir} would replace its own input {source}: choose another folder")
     if output_dir.exists() and not overwrite and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise FileExistsError(f"{output_dir} exists and is not empty: pass --overwrite to replace it")
-
-
-def _move_into_place(tmp: Path, output_dir: Path) -> None:
-    """Rename the finished folder to `output_dir`; an old output is moved aside first, then deleted."""
-    old = None
-    if output_dir.exists() or output_dir.is_symlink():
-        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-        os.replace(output_dir, old)
-    os.replace(tmp, output_dir)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
 
 
 def write_model_card(folder: Path, output_dir: str, results: dict) -> Path:

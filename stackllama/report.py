@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import random
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -45,19 +44,6 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     tmp.write_text(text)
     os.replace(tmp, path)
     return path
-
-
-def publish_dir(tmp: str | Path, final: str | Path) -> Path:
-    """Move the finished folder `tmp` to `final`, replacing an older one (kept until the new one is in place)."""
-    tmp, final = Path(tmp), Path(final)
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def read_json(path: str | Path) -> dict | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from .modeling import MissingDependencyError
@@ -55,6 +56,23 @@ def run_dir(output_dir: str | os.PathLike) -> Path:
     """The run folder that holds every stage's output (`runs/<run>/`): the parent of a stage's
     `output_dir`. Stages find their inputs there by default (`sft-merged`, `reward`, ...)."""
     return Path(output_dir).resolve().parent
+
+
+def replace_dir(new: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Rename the finished folder `new` to `final`. An older `final` is moved aside first and deleted
+    after, so `final` is at every moment either the old complete folder or the new one."""
+    new, final = Path(new), Path(final)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    had_old = final.exists() or final.is_symlink()
+    if had_old:
+        os.replace(final, old)
+    os.replace(new, final)
+    if had_old:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+    return final
 
 
 def write_results(output_dir: str | os.PathLike, filename: str, results: dict) -> Path:

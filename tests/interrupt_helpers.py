@@ -67,11 +67,10 @@ def run(command: list[str], env: dict | None = None, timeout: float = 600) -> su
 PYTHON = sys.executable
 
 
-def torchrun(args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 300) -> str:
-    """`python -m torch.distributed.run --standalone --nproc_per_node <nproc> <args>` from the repository
-    root, to the end; returns stdout + stderr. On a timeout the launcher and all its workers are killed
-    (they share a new session), so a hung collective cannot outlive the test."""
-    command = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+def run_group(command: list[str], env: dict | None = None, timeout: float = 300, what: str = "run") -> str:
+    """`command` from the repository root, to the end, in a new session; returns stdout + stderr. On a
+    timeout the whole session (a launcher and all its workers) is killed, so a hung collective cannot
+    outlive the test."""
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -79,6 +78,22 @@ def torchrun(args: list[str], nproc: int = 2, env: dict | None = None, timeout: 
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        raise AssertionError(f"{nproc}-process run timed out after {timeout:.0f} s: {' '.join(args[:1])}")
+        raise AssertionError(f"{what} timed out after {timeout:.0f} s")
     assert proc.returncode == 0, output[-4000:]
     return output
+
+
+def torchrun(args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 300) -> str:
+    """`python -m torch.distributed.run --standalone --nproc_per_node <nproc> <args>` (see `run_group`)."""
+    command = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    return run_group(command, env, timeout, f"{nproc}-process torchrun of {args[0]}")
+
+
+def accelerate_launch(args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 300) -> str:
+    """`python -m accelerate.commands.launch --multi_gpu --num_processes <nproc> <args>` (see `run_group`).
+
+    `--multi_gpu` is accelerate's torch-elastic launcher, which starts <nproc> workers on a CPU-only machine
+    too; `--cpu --num_processes 2` would start one process (accelerate's simple launcher)."""
+    command = [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+    return run_group(command, env, timeout, f"{nproc}-process accelerate launch of {args[0]}")

@@ -79,6 +79,15 @@ def build_small_model(tmp: Path, data_dir: Path) -> Path:
     return build_tiny_model_from_data(tmp / "base", data_dir, config=write_small_config(tmp / "config"), seed=0)
 
 
+def small_stage_inputs(tmp: Path) -> tuple[Path, Path, Path]:
+    """(tmp, data, base): finetune, reward and evaluation pairs and a small base model, the inputs of a
+    fast SFT or reward-model run in `tmp`."""
+    data = write_pairs(tmp / "data")
+    write_pairs(data, pair_rows(12), subset="reward")
+    write_pairs(data, pair_rows(6), subset="evaluation")
+    return tmp, data, build_small_model(tmp, data)
+
+
 def load_sft_script():
     """scripts/sft.py as a module (scripts/ is not a package)."""
     spec = importlib.util.spec_from_file_location("sft_script", REPO / "scripts" / "sft.py")

@@ -19,17 +19,13 @@ figures.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from interrupt_helpers import REPO, hook_env, torchrun
+from interrupt_helpers import REPO, accelerate_launch, hook_env, torchrun
 from safetensors.torch import load_file
-from sft_helpers import build_small_model, pair_rows, small_run_args, write_pairs
+from sft_helpers import small_run_args, small_stage_inputs
 
 pytestmark = pytest.mark.slow
 
@@ -105,10 +101,7 @@ TIMEOUT = 240
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multiprocess")
-    data = write_pairs(tmp / "data")
-    write_pairs(data, pair_rows(12), subset="reward")
-    write_pairs(data, pair_rows(6), subset="evaluation")
-    return tmp, data, build_small_model(tmp, data)
+    return small_stage_inputs(tmp)
 
 
 def worker_env(tmp: Path, record: Path) -> dict:
@@ -117,26 +110,6 @@ def worker_env(tmp: Path, record: Path) -> dict:
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
         env.pop(key, None)
     return env
-
-
-def accelerate_launch(args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 300) -> str:
-    """`python -m accelerate.commands.launch --multi_gpu --num_processes <nproc> <args>` from the repository
-    root, to the end; returns stdout + stderr. On a timeout the launcher and its workers (one session) are killed.
-
-    `--multi_gpu` is accelerate's torch-elastic launcher, which starts <nproc> workers on a CPU-only machine
-    too; `--cpu --num_processes 2` would start one process (accelerate's simple launcher)."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args]
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise AssertionError(f"{nproc}-process accelerate launch timed out after {timeout:.0f} s: {args[0]}")
-    assert proc.returncode == 0, output[-4000:]
-    return output
 
 
 def sft_args(small, out: Path, *extra: str) -> list[str]:

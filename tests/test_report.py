@@ -17,10 +17,10 @@ from stackllama.report import (
     build_report,
     choose_examples,
     fenced,
-    publish_dir,
     read_ppo_log,
     verdict,
 )
+from stackllama.stage import replace_dir
 
 
 def trainer_state(rows):
@@ -205,13 +205,13 @@ def test_ppo_log_with_two_runs_and_a_torn_line(tmp_path):
     assert read_ppo_log(tmp_path / "absent.jsonl") == (None, [])
 
 
-def test_publish_dir_replaces_the_old_report(tmp_path):
+def test_replace_dir_replaces_the_old_report(tmp_path):
     final, tmp = tmp_path / "report", tmp_path / ".report.tmp"
     final.mkdir()
     (final / "old.txt").write_text("old")
     tmp.mkdir()
     (tmp / "report.md").write_text("new")
-    publish_dir(tmp, final)
+    replace_dir(tmp, final)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
     assert [p.name for p in final.iterdir()] == ["report.md"]
 

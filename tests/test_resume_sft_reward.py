@@ -24,7 +24,7 @@ import torch
 from interrupt_helpers import REPO, hook_env, kill_when
 from interrupt_helpers import run as run_to_end
 from safetensors.torch import load_file
-from sft_helpers import build_small_model, pair_rows, small_run_args, write_pairs
+from sft_helpers import small_run_args, small_stage_inputs
 
 from stackllama.checkpoint import MARKER, checkpoints, latest_checkpoint
 from stackllama.hf_trainer import STAGE_STATE, NonFiniteError, NonFiniteGuard
@@ -81,10 +81,7 @@ transformers.Trainer._save_rng_state = hooked_save_rng_state
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
-    data = write_pairs(tmp / "data")
-    write_pairs(data, pair_rows(12), subset="reward")
-    write_pairs(data, pair_rows(6), subset="evaluation")
-    return tmp, data, build_small_model(tmp, data)
+    return small_stage_inputs(tmp)
 
 
 def command(stage: str, small, out: Path, *extra: str) -> list[str]:

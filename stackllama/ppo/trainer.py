@@ -85,6 +85,15 @@ class RolloutBatch:
     q_width: int  # Q
 
 
+def left_pad(seqs: Sequence[torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of `seqs` aligned on the right, as `generate` needs (no Python loop)."""
+    lens = torch.tensor([len(s) for s in seqs], device=seqs[0].device)
+    width = int(lens.max())
+    ids = torch.nn.utils.rnn.pad_sequence([s.flip(0) for s in seqs], batch_first=True, padding_value=pad_token_id).flip(1)
+    mask = (torch.arange(width, device=ids.device)[None, :] >= (width - lens)[:, None]).long()
+    return ids, mask
+
+
 class PPOTrainer:
     """``PPOTrainer(config, model, ref_model=None, tokenizer, dataset, data_collator)``.
 
@@ -303,11 +312,7 @@ class PPOTrainer:
         return cache
 
     def _left_pad(self, seqs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        lens = torch.tensor([len(s) for s in seqs], device=seqs[0].device)
-        width = int(lens.max())
-        ids = torch.nn.utils.rnn.pad_sequence([s.flip(0) for s in seqs], batch_first=True, padding_value=self.pad_token_id).flip(1)
-        mask = (torch.arange(width, device=ids.device)[None, :] >= (width - lens)[:, None]).long()
-        return ids, mask
+        return left_pad(seqs, self.pad_token_id)
 
     def _stop_mask(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L) True where a response may stop: EOS anywhere, stop tokens from ``stop_after``."""

@@ -140,7 +140,7 @@ def main(script_args: RewardScriptArguments, training_args: RewardConfig, model_
         tokenizer.save_pretrained(training_args.output_dir)
         if script_args.merge:
             merged_dir = script_args.merged_output_dir or training_args.output_dir.rstrip("/") + "-merged"
-            save_full_weights(trainer.model, tokenizer, training_args.output_dir, merged_dir, model_args.use_peft,
+            save_full_weights(tokenizer, training_args.output_dir, merged_dir, model_args.use_peft,
                               base_model=base_model, dtype=script_args.merge_dtype, task="seq_cls",
                               trust_remote_code=training_args.trust_remote_code)
             results["merged_output_dir"] = merged_dir

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from tqdm import tqdm
 from transformers import set_seed
 from trl import ModelConfig
@@ -35,9 +34,9 @@ from stackllama.data.loading import check_data_dir
 from stackllama.modeling import (
     MissingDependencyError,
     ModelLoadError,
-    accelerator_available,
     count_parameters,
     load_tokenizer,
+    process_state,
 )
 from stackllama.ppo import LengthSampler, NonFiniteError, PPOConfig, PPOTrainer
 from stackllama.reward_function import RewardFunction
@@ -60,9 +59,7 @@ logger = logging.getLogger("stackllama.rl")
 
 def main(script_args: RLScriptArguments, config: PPOConfig, model_args: ModelConfig) -> dict:
     start = time.time()
-    # Without a GPU, processes started by torchrun / accelerate launch join over gloo (a bare
-    # PartialState() would make each of them a separate single-process run)
-    state = PartialState(cpu=not accelerator_available())
+    state = process_state()  # without a GPU too, the processes of a launch join one run (gloo)
     if script_args.num_threads:
         torch.set_num_threads(script_args.num_threads)
     output_dir = Path(script_args.output_dir)
@@ -99,12 +96,14 @@ def main(script_args: RLScriptArguments, config: PPOConfig, model_args: ModelCon
     policy = load_policy(model_args, tokenizer, trust_remote_code=script_args.trust_remote_code)
     trainable, total = count_parameters(policy)
     logger.info("policy %s: %s trainable parameters of %s", policy_path, f"{trainable:,}", f"{total:,}")
-    ppo_trainer = PPOTrainer(config, policy, None, tokenizer, dataset=dataset)
+    # The reward model before the trainer: under DeepSpeed ZeRO-3 a model loaded once the trainer's
+    # Accelerator exists would be built sharded (zero.Init), and a pipeline cannot run on shards
     reward_fn = RewardFunction.from_pretrained(
         reward_path, dtype=model_args.dtype, trust_remote_code=script_args.trust_remote_code,
         policy_tokenizer=tokenizer, batch_size=script_args.reward_batch_size, append_eos=script_args.reward_append_eos,
-        fast_path=script_args.reward_fast_path, device=ppo_trainer.accelerator.device)
+        fast_path=script_args.reward_fast_path, device=state.device)
     logger.info("reward model %s (shares the policy's tokenizer: %s)", reward_path, reward_fn.shares_tokenizer)
+    ppo_trainer = PPOTrainer(config, policy, None, tokenizer, dataset=dataset)
 
     # Sampling as in the recipe: pure sampling, EOS is a real stop (not the published 100_000)
     generation_kwargs = {"top_k": 0, "top_p": 1.0, "do_sample": True,

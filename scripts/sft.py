@@ -130,7 +130,7 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     # Merge: full weights for the reward-model and PPO stages
     if script_args.merge and trainer.is_world_process_zero():
         merged_dir = script_args.merged_output_dir or training_args.output_dir.rstrip("/") + "-merged"
-        save_full_weights(trainer.model, tokenizer, training_args.output_dir, merged_dir, model_args.use_peft,
+        save_full_weights(tokenizer, training_args.output_dir, merged_dir, model_args.use_peft,
                           base_model=base_model, dtype=script_args.merge_dtype,
                           trust_remote_code=training_args.trust_remote_code)
         results["merged_output_dir"] = merged_dir

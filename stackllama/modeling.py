@@ -65,6 +65,26 @@ def accelerator_available() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
+def process_state():
+    """This process's place in the run (accelerate's `PartialState`), set up so that the processes
+    started by `torchrun` / `accelerate launch` join one run on a machine without GPU too.
+
+    There accelerate needs `cpu=True` (a bare `PartialState()` makes each process a separate
+    single-process run), except under a DeepSpeed launch, where `cpu=True` switches DeepSpeed
+    off: accelerate knows DeepSpeed on GPUs only, so the processes join over gloo instead (how
+    the tests run ZeRO-2/3 on CPU). Call it before the first `Accelerator`."""
+    import os
+
+    from accelerate import PartialState
+
+    if accelerator_available():
+        return PartialState()
+    deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed_launch and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return PartialState(backend="gloo")
+    return PartialState(cpu=True)
+
+
 def kbit_device_map() -> dict[str, int | str]:
     """Where a quantized model goes: this process's own device (one full copy per process), or the CPU."""
     if not accelerator_available():
@@ -237,9 +257,14 @@ def load_model(
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts. 4-bit weights count as stored (two values per byte)."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts. 4-bit weights count as stored (two values per byte);
+    a DeepSpeed ZeRO-3 weight counts whole (`ds_numel`), not as the empty shell left here."""
+
+    def numel(p) -> int:
+        return getattr(p, "ds_numel", None) or p.numel()
+
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
     return trainable, total
 
 
@@ -262,7 +287,6 @@ def merge_lora(
 
 
 def save_full_weights(
-    model,
     tokenizer,
     adapter_dir: str | Path,
     output_dir: str | Path,
@@ -273,13 +297,28 @@ def save_full_weights(
     trust_remote_code: bool = False,
 ) -> Path:
     """Full weights for the next stage: the LoRA adapter saved in `adapter_dir` merged into a
-    16/32-bit base and checked (`stackllama.merge.merge_adapter`), or, without LoRA, the trained `model` itself."""
+    16/32-bit base and checked (`stackllama.merge.merge_adapter`), or, without LoRA, the trained
+    weights the trainer saved in `adapter_dir`, copied. From the files, not the model in memory:
+    under DeepSpeed ZeRO-3 a process holds only its shards (the trainer gathered them to save)."""
     if use_peft:
         from .merge import merge_adapter
 
         merge_adapter(adapter_dir, output_dir, base_model=base_model, dtype=dtype, task=task, overwrite=True,
                       trust_remote_code=trust_remote_code)
         return Path(output_dir)
-    model.save_pretrained(output_dir, safe_serialization=True)
-    tokenizer.save_pretrained(output_dir)
-    return Path(output_dir)
+    import os
+    import shutil
+
+    from .stage import replace_dir
+
+    src, final = Path(adapter_dir), Path(output_dir)
+    weights = sorted(src.glob("*.safetensors")) + sorted(src.glob("*.safetensors.index.json"))
+    if not weights:
+        raise FileNotFoundError(f"{src}: no saved weights (*.safetensors) to copy into {final}")
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for path in weights + [src / name for name in ("config.json", "generation_config.json") if (src / name).is_file()]:
+        shutil.copy2(path, tmp / path.name)
+    tokenizer.save_pretrained(tmp)
+    return replace_dir(tmp, final)

@@ -18,9 +18,15 @@ logger = logging.getLogger(__name__)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """`stackllama` loggers at `level`, libraries at WARNING, each repeated library warning shown once."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    logging.getLogger("stackllama").setLevel(level)
+    """`stackllama` loggers at `level`, libraries at WARNING, each repeated library warning shown once.
+
+    In a multi-process run (torchrun / accelerate launch set RANK and WORLD_SIZE) only rank 0
+    logs at `level`; the other ranks log warnings and errors only, each line naming its rank,
+    as transformers' Trainer does for its replicas (`log_level_replica`)."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    where = f"[rank {rank}] " if world > 1 else ""
+    logging.basicConfig(format=f"%(asctime)s %(levelname)s {where}%(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("stackllama").setLevel(level if rank == 0 else max(level, logging.WARNING))
     seen: set[str] = set()
 
     def once(record: logging.LogRecord) -> bool:  # bitsandbytes warns on every 8-bit matmul

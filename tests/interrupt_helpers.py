@@ -89,11 +89,16 @@ def torchrun(args: list[str], nproc: int = 2, env: dict | None = None, timeout: 
     return run_group(command, env, timeout, f"{nproc}-process torchrun of {args[0]}")
 
 
-def accelerate_launch(args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 300) -> str:
-    """`python -m accelerate.commands.launch --multi_gpu --num_processes <nproc> <args>` (see `run_group`).
+def accelerate_launch(args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 300,
+                      config_file: str | None = None) -> str:
+    """`python -m accelerate.commands.launch --multi_gpu --num_processes <nproc> <args>` (see `run_group`),
+    or with `config_file` (one of accelerate_configs/, e.g. "deepspeed_zero3.yaml") instead of
+    `--multi_gpu`, in fp32 with <nproc> processes (the configs are written for 8 GPUs in bf16).
 
     `--multi_gpu` is accelerate's torch-elastic launcher, which starts <nproc> workers on a CPU-only machine
     too; `--cpu --num_processes 2` would start one process (accelerate's simple launcher)."""
-    command = [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args]
-    return run_group(command, env, timeout, f"{nproc}-process accelerate launch of {args[0]}")
+    how = (["--config_file", str(REPO / "accelerate_configs" / config_file)] if config_file
+           else ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"])
+    command = [PYTHON, "-m", "accelerate.commands.launch", *how, "--num_processes", str(nproc),
+               "--mixed_precision", "no", *args]
+    return run_group(command, env, timeout, f"{nproc}-process accelerate launch of {args[0]} ({config_file or 'multi_gpu'})")

@@ -1,8 +1,9 @@
 """Two CPU processes (gloo) for the SFT and reward stages (issue 7), with the real scripts.
 
-SFT runs under `torchrun --nproc_per_node 2`, the reward model under `accelerate launch --multi_gpu
---num_processes 2` (accelerate's multi-process launcher; `--cpu --num_processes 2` starts a single
-process in accelerate 1.15 unless given an mpirun hostfile), with the scripts' defaults. A
+Each stage runs under `torchrun --nproc_per_node 2` and under `accelerate launch --multi_gpu
+--num_processes 2` (accelerate's multi-process launcher; `--num_processes 2` alone or with `--cpu`
+starts a single process on a machine without GPU in accelerate 1.15, unless given an mpirun
+hostfile), with the scripts' defaults. A
 `sitecustomize.py` started in every worker records, per rank, the trainable weights when
 `Trainer.train` starts and when it returns, the unpadded input ids of every training batch, the
 trainer's view of the run (world size, process index, DDP wrapper, tokens counted) and each call of
@@ -194,18 +195,66 @@ def check_sft(record: Path, out: Path) -> None:
     assert torch.equal(flat, torch.load(record / "end0.pt"))
 
 
-def test_sft_under_torchrun_trains_one_model_on_both_ranks_data(small, tmp_path):
+LAUNCHERS = {"torchrun": torchrun, "accelerate": accelerate_launch}
+
+
+def check_logs_from_rank0_only(output: str, done_line: str) -> None:
+    """Progress lines come from rank 0 alone; the other rank logs warnings only, naming itself."""
+    assert output.count(done_line) == 1, output[-3000:]
+    assert "INFO [rank 0] stackllama" in output
+    assert "INFO [rank 1]" not in output
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_sft_two_processes_train_one_model_on_both_ranks_data(small, tmp_path, launcher):
     out, record = tmp_path / "sft", tmp_path / "record"
-    torchrun(sft_args(small, out), nproc=2, env=worker_env(tmp_path, record), timeout=TIMEOUT)
+    output = LAUNCHERS[launcher](sft_args(small, out), nproc=2, env=worker_env(tmp_path, record), timeout=TIMEOUT)
     check_sft(record, out)
+    check_logs_from_rank0_only(output, "SFT done")
 
 
-def test_reward_under_accelerate_launch_trains_one_model_on_both_ranks_data(small, tmp_path):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_reward_two_processes_train_one_model_on_both_ranks_data(small, tmp_path, launcher):
     out, record = tmp_path / "reward", tmp_path / "record"
-    accelerate_launch(reward_args(small, out), nproc=2, env=worker_env(tmp_path, record), timeout=TIMEOUT)
+    output = LAUNCHERS[launcher](reward_args(small, out), nproc=2, env=worker_env(tmp_path, record), timeout=TIMEOUT)
+    check_logs_from_rank0_only(output, "reward modeling done")
     infos, results = check_cooperation("reward", record, out, "reward_results.json", "adapter_model.safetensors",
                                        steps=3)
     assert infos[0]["per_device_batch"] == 4 and results["global_step"] == 3
     # 3 steps of 2 x 4 pairs: the 24 training pairs, each once, across the two ranks (1 process: 12 of them)
     chosen = [row for info in infos for batch in info["batches"] for row in rows(batch, pairs=True)]
     assert len(chosen) == len(set(chosen)) == results["train_pairs"] == 24
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_stage_under_deepspeed_zero3_trains_as_ddp_does(small, tmp_path, stage):
+    """`accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml` (DeepSpeed on CPU,
+    two processes, weights sharded): the model saved from the shards equals the one the same run
+    trains under DDP (torchrun), and moved from the start. SFT trains every weight of the tiny
+    model and also writes --merge's full-weights copy; the reward model is LoRA + score head."""
+    pytest.importorskip("deepspeed", reason="pip install 'stackllama[deepspeed]'")
+    make_args = sft_args if stage == "sft" else reward_args
+    extra = ("--merge", "true") if stage == "sft" else ()
+    ddp, ds = tmp_path / "ddp", tmp_path / "zero3"
+    torchrun(make_args(small, ddp, *extra), nproc=2, env=worker_env(tmp_path, tmp_path / "record_ddp"), timeout=TIMEOUT)
+    output = accelerate_launch(make_args(small, ds, *extra), nproc=2, env=worker_env(tmp_path, tmp_path / "record_ds"),
+                               timeout=TIMEOUT, config_file="deepspeed_zero3.yaml")
+    info = json.loads((tmp_path / "record_ds" / "rank0.json").read_text())
+    assert info["distributed_type"] == "DistributedType.DEEPSPEED" and info["wrapped"] == "DeepSpeedEngine"
+    assert info["world_size"] == 2
+    check_logs_from_rank0_only(output, "SFT done" if stage == "sft" else "reward modeling done")
+
+    name = "model.safetensors" if stage == "sft" else "adapter_model.safetensors"
+    a, b = load_file(ddp / name), load_file(ds / name)
+    assert sorted(a) == sorted(b)
+    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    if stage == "sft":
+        start = load_file(small[2] / "model.safetensors")
+        moved = max((a[k] - start[k]).abs().max().item() for k in start)
+        merged = load_file(tmp_path / "zero3-merged" / "model.safetensors")
+        assert all(torch.equal(merged[k], b[k]) for k in b)  # the merged copy is the gathered model, not shards
+    else:
+        moved = max(a[k].abs().max().item() for k in a if "lora_B" in k)  # LoRA B starts at zero
+    print(f"\n{stage} under ZeRO-3: max |DeepSpeed - DDP| of the saved weights {diff:.3g}, moved by up to {moved:.3g}")
+    assert moved > 1e-4
+    assert diff < 1e-5

@@ -509,3 +509,21 @@ def test_bf16_autocast_option(tok):
     assert math.isfinite(stats["ppo/loss/total"])
     assert not same_weights(trainer, snap)
     assert all(p.dtype == torch.float32 for p in trainer.trainable_params)  # master weights stay fp32
+
+
+def test_fsdp_is_refused_with_the_alternative(tok, monkeypatch):
+    """Under FSDP every forward is a collective and the ranks sample different lengths, so
+    generation would hang: the trainer refuses it and names the ZeRO-3 config instead."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    import stackllama.ppo.trainer as trainer_module
+
+    class FSDPAccelerator(Accelerator):
+        @property
+        def distributed_type(self):
+            return DistributedType.FSDP
+
+    monkeypatch.setattr(trainer_module, "Accelerator", FSDPAccelerator)
+    with pytest.raises(ValueError, match="does not run under FSDP.*deepspeed_zero3.yaml"):
+        PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=2), make_policy(tok), None, tok)

@@ -32,8 +32,11 @@ QUESTION_LENGTHS = [3, 4, 5, 6, 7, 8, 3, 4, 5, 6, 7, 8, 30, 40]
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
+    return make_run_folder(tmp_path_factory.mktemp("resume_run"))
+
+
+def make_run_folder(run_folder):
     """runs/<run>/{data,sft-merged,reward} on the tiny fixtures (as in test_rl_script)."""
-    run_folder = tmp_path_factory.mktemp("resume_run")
     tok = make_tokenizer()
     write_pairs(run_folder / "data", rl_rows(QUESTION_LENGTHS), subset="rl")
     make_model(tok, seed=0).save_pretrained(run_folder / "sft-merged")
@@ -303,7 +306,7 @@ def test_two_processes_resume_to_the_same_run(run_dir):
     reference, reference_log = weights(out), log_rows(out)
 
     output = launch("--resume_from_checkpoint", str(out / "checkpoint-2"))
-    assert output.count("resumed from") == 2  # both processes
+    assert output.count("resumed from") == 1  # logged by rank 0 (both resume: rng_state_1.pt is read)
     resumed = weights(out)
     diff = max((resumed[k] - reference[k]).abs().max().item() for k in reference)
     print(f"two processes, resumed from checkpoint-2: max |diff| of the final policy + value head = {diff:.3g}")

@@ -6,7 +6,9 @@ A checkpoint folder ``checkpoint-<step>/`` holds
 
 - the policy as ``save_pretrained`` writes it (adapter or full weights, ``value_head.safetensors``,
   tokenizer), so it reloads with ``AutoModelForCausalLMWithValueHead.from_pretrained``;
-- ``optimizer.pt``: the optimizer state (written by the main process);
+- ``optimizer.pt``: the optimizer state (written by the main process); under DeepSpeed instead
+  ``deepspeed/``: the engine's own checkpoint (trainable weights and each process's optimizer
+  shard, written by every process);
 - ``trainer_state.json``: step, KL coefficient, score moments, data position, the caller's
   extra state (the script's history);
 - ``rng_state_<rank>.pt``: each process's random generators (Python, NumPy, torch, CUDA),
@@ -26,6 +28,8 @@ import torch
 PREFIX = "checkpoint"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_TAG = "state"
 
 
 def rng_file(rank: int) -> str:

@@ -36,6 +36,10 @@ class PPOConfig:
     the recipe's numerics are fp32 (its 8-bit base computes in fp16/fp32). Implemented
     with ``torch.autocast`` (not accelerate's ``mixed_precision``, whose process-wide state
     cannot change once set)."""
+    ds3_gather_for_generation: bool = True
+    """Under DeepSpeed ZeRO-3, gather the whole weights on every process for each ``generate``
+    call (fast; needs the unsharded model to fit on one device). False: generate on the
+    sharded model with ``synced_gpus`` (slow, for models that only fit sharded)."""
     log_jsonl: Optional[str] = None
     """If set, ``log_stats`` appends one JSON line of scalar stats (and sample rows) here."""
 
@@ -128,7 +132,7 @@ class PPOConfig:
     exactly the responses of the last ``generate`` call and no update happened in
     between, and not with ``kl_penalty="full"``, ``bf16_autocast`` or a 4/8-bit base
     (there the cached and full passes round differently, so the first ratio would not be
-    1); otherwise the pass is recomputed."""
+    1), nor under DeepSpeed ZeRO-3; otherwise the pass is recomputed."""
     position_ids_from_attention_mask: bool = True
     """**[fix]** Pass ``position_ids = cumsum(attention_mask) - 1`` in every forward pass, so
     that left padding does not shift positions (``generate`` already does this). TRL 0.11

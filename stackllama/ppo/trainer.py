@@ -37,11 +37,14 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate import state as accelerate_state
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
+from trl.models.utils import prepare_deepspeed, unwrap_model_for_generation
 
 from .. import checkpoint
+from ..modeling import process_state
 from . import checkpointing as ckpt
 from . import core
 from .config import PPOConfig
@@ -115,12 +118,22 @@ class PPOTrainer:
     ) -> None:
         self.config = config
         cfg = config
+        if not accelerate_state.is_initialized():
+            process_state()  # on a CPU-only machine too, the launched processes join one run
         self.accelerator = Accelerator(
             log_with=cfg.log_with,
             project_config=ProjectConfiguration(**cfg.project_kwargs),
             **cfg.accelerator_kwargs,
         )
         set_seed(cfg.seed + self.accelerator.process_index)
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            # Every forward of an FSDP model is a collective, and the ranks sample responses of
+            # different lengths: generation would hang. ZeRO-3 gathers the weights for it.
+            raise ValueError("the PPO trainer does not run under FSDP (generation on sharded weights would hang); "
+                             "for sharded weights use accelerate_configs/deepspeed_zero3.yaml")
+        self.is_deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        if self.is_deepspeed:
+            self._configure_deepspeed()
         if cfg.log_with is not None:
             self.accelerator.init_trackers(
                 cfg.tracker_project_name, config=tracker_config(cfg), init_kwargs=cfg.tracker_kwargs
@@ -137,7 +150,9 @@ class PPOTrainer:
                 ref_model = ref_model.pretrained_model
             ref_model.requires_grad_(False)
             ref_model.eval()
-            if not (getattr(ref_model, "is_loaded_in_8bit", False) or getattr(ref_model, "is_loaded_in_4bit", False)):
+            if self.is_deepspeed:  # ZeRO-3: sharded like the policy; otherwise a whole copy per process
+                ref_model = prepare_deepspeed(ref_model, self.accelerator)
+            elif not (getattr(ref_model, "is_loaded_in_8bit", False) or getattr(ref_model, "is_loaded_in_4bit", False)):
                 ref_model.to(self.accelerator.device)
         self.ref_model = ref_model
         self.tokenizer = tokenizer
@@ -189,6 +204,20 @@ class PPOTrainer:
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
         self.pad_token_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
 
+    def _configure_deepspeed(self) -> None:
+        """Under DeepSpeed the engine owns micro-batching, loss scaling and the optimizer step:
+        give it the PPO geometry (one micro-batch = ``mini_batch_size`` sequences, a step every
+        ``gradient_accumulation_steps`` of them, clipping at ``max_grad_norm``), as TRL 0.11 did."""
+        cfg = self.config
+        ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = cfg.mini_batch_size
+        ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
+        ds["train_batch_size"] = cfg.backward_batch_size * self.accelerator.num_processes
+        ds["gradient_clipping"] = cfg.max_grad_norm if cfg.max_grad_norm is not None else 0.0
+        if cfg.ratio_threshold_skips_step:
+            logger.info("DeepSpeed steps the optimizer itself: a minibatch skipped by ratio_threshold adds a zero "
+                        "gradient, and a window of only skipped minibatches still steps (as in TRL 0.11)")
+
     def _autocast(self):
         """bf16 autocast around a forward pass when ``bf16_autocast``, else nothing."""
         if not self.config.bf16_autocast:
@@ -203,6 +232,9 @@ class PPOTrainer:
             and cfg.kl_penalty != "full"
             and not cfg.bf16_autocast
             and not self.unwrapped_model.is_quantized
+            # ZeRO-3: the value head's shards would be needed mid-generation, when the ranks are
+            # out of step (different response lengths); the rollout pass recomputes them instead
+            and not (self.is_deepspeed and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
         )
 
     @property
@@ -263,9 +295,18 @@ class PPOTrainer:
 
         capture = self._reuse_generation
         cache = [] if capture else None
-        lm_head = model.causal_lm.get_output_embeddings()
         outputs = []
-        with eval_mode(model, enabled=self.config.rollout_in_eval_mode):
+        # DeepSpeed ZeRO-3: the whole weights are gathered once for the call (TRL's helper)
+        # instead of fetched layer by layer at every new token; without gathering, every rank
+        # must run as many forwards as the slowest (`synced_gpus`) or the collectives hang.
+        gather = self.config.ds3_gather_for_generation
+        if self.is_deepspeed and self.accelerator.state.deepspeed_plugin.zero_stage == 3 and not gather:
+            generation_kwargs.setdefault("synced_gpus", True)
+        with (
+            unwrap_model_for_generation(self.model, self.accelerator, gather_deepspeed3_params=gather) as model,
+            eval_mode(model, enabled=self.config.rollout_in_eval_mode),
+        ):
+            lm_head = model.causal_lm.get_output_embeddings()
             for start in range(0, len(queries), batch_size):
                 chunk = [q.to(device) for q in queries[start : start + batch_size]]
                 kwargs = dict(generation_kwargs)
@@ -555,7 +596,10 @@ class PPOTrainer:
                 contributed = False
                 for j, rows in enumerate(micro):
                     last = j == len(micro) - 1
-                    sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
+                    if self.is_deepspeed:  # the engine steps at the boundary accelerate tells it
+                        sync = self._deepspeed_boundary(last)
+                    else:
+                        sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
                     with sync:
                         # A skipped last minibatch must still trigger DDP's gradient
                         # all-reduce for the ones accumulated before it (zero-loss backward).
@@ -582,6 +626,16 @@ class PPOTrainer:
         out["ppo/skipped_minibatches"] = n_skipped
         out["ppo/epochs_run"] = epochs_run
         return out
+
+    @contextlib.contextmanager
+    def _deepspeed_boundary(self, last: bool):
+        """Marks whether this minibatch ends an accumulation window: accelerate's DeepSpeed
+        backward steps the engine when ``sync_gradients`` (as transformers' Trainer sets it)."""
+        self.accelerator.gradient_state._set_sync_gradients(last)
+        try:
+            yield
+        finally:
+            self.accelerator.gradient_state._set_sync_gradients(True)
 
     def _train_minibatch(self, batch, rows, old_logprobs, old_values, advantages, returns, temperature, scale, sync_anyway=False):
         """``loss = L_pg + vf_coef L_vf`` on one minibatch, backward unless skipped."""
@@ -613,14 +667,15 @@ class PPOTrainer:
                 f"({'no gradient, no optimizer step' if cfg.ratio_threshold_skips_step else 'loss zeroed as in TRL 0.11'}).",
                 stacklevel=2,
             )
-            if cfg.ratio_threshold_skips_step:
+            if cfg.ratio_threshold_skips_step and not self.is_deepspeed:
                 did_backward = False
                 if sync_anyway:
                     self.accelerator.backward(loss * 0.0)
-            else:
+            else:  # DeepSpeed counts every micro-batch's backward
                 self.accelerator.backward(loss * 0.0)
         else:
-            self.accelerator.backward(loss * scale)
+            # DeepSpeed divides by its gradient_accumulation_steps itself
+            self.accelerator.backward(loss * (scale * cfg.gradient_accumulation_steps if self.is_deepspeed else scale))
 
         with torch.no_grad():
             entropy = core.masked_mean(core.entropy_from_logits(logits.detach(), temperature), m)
@@ -649,7 +704,11 @@ class PPOTrainer:
             )
 
     def _optimizer_step(self) -> None:
-        """Check the gradients, clip, step. A NaN/inf gradient never reaches the weights."""
+        """Check the gradients, clip, step. A NaN/inf gradient never reaches the weights.
+        Under DeepSpeed the engine has already clipped and stepped in ``backward`` (its own
+        overflow check covers fp16 only)."""
+        if self.is_deepspeed:
+            return
         grads = [p.grad for p in self.trainable_params if p.grad is not None]
         if not grads:
             return
@@ -752,8 +811,10 @@ class PPOTrainer:
     def save_pretrained(self, save_directory: str) -> None:
         """Saves the policy (adapter or full model) with its value head, and the tokenizer."""
         self.accelerator.wait_for_everyone()
+        # ZeRO-3 holds a shard of each weight per process: gather them (every process takes part)
+        state_dict = self.accelerator.get_state_dict(self.model) if self.is_deepspeed else None
         if self.accelerator.is_main_process:
-            self.unwrapped_model.save_pretrained(save_directory)
+            self.unwrapped_model.save_pretrained(save_directory, state_dict=state_dict)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(save_directory)
 
@@ -776,11 +837,18 @@ class PPOTrainer:
             checkpoint.clear_staging(final)
         acc.wait_for_everyone()
         staging = checkpoint.staging_dir(final)
+        state_dict = acc.get_state_dict(self.model) if self.is_deepspeed else None  # ZeRO-3: gathered
         if acc.is_main_process:
-            self.unwrapped_model.save_pretrained(str(staging))
+            self.unwrapped_model.save_pretrained(str(staging), state_dict=state_dict)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(str(staging))
-            torch.save(self.optimizer.state_dict(), staging / ckpt.OPTIMIZER_FILE)
+            if not self.is_deepspeed:
+                torch.save(self.optimizer.state_dict(), staging / ckpt.OPTIMIZER_FILE)
+        if self.is_deepspeed:  # the optimizer state is sharded: every process writes its part
+            acc.wait_for_everyone()
+            self.model.save_checkpoint(str(staging / ckpt.DEEPSPEED_DIR), tag=ckpt.DEEPSPEED_TAG,
+                                       exclude_frozen_parameters=True)
+        if acc.is_main_process:
             state = {**self.state_dict(), "num_processes": acc.num_processes, "batch_size": self.config.batch_size,
                      "data": {"epoch": self.epoch, "batch": self.batch_in_epoch,
                               "batches_per_epoch": len(self.dataloader) if self.dataloader is not None else None},
@@ -812,9 +880,18 @@ class PPOTrainer:
                 f"{directory} was written by {saved[0]} process(es) with batch_size {saved[1]} and {saved[2]} batches per "
                 f"epoch; this run has {acc.num_processes}, {self.config.batch_size} and {batches}. Resume with the same "
                 "processes, batch size and queries, or start a new run.")
-        ckpt.load_policy_weights(self.unwrapped_model, directory)
-        optimizer_state = torch.load(directory / ckpt.OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(optimizer_state)  # moved to the parameters' device
+        if self.is_deepspeed:  # trainable weights and optimizer shards, each process its own
+            if not (directory / ckpt.DEEPSPEED_DIR).is_dir():
+                raise ValueError(f"{directory} was not written under DeepSpeed (no {ckpt.DEEPSPEED_DIR}/); resume it "
+                                 "with the launcher that wrote it")
+            self.model.load_checkpoint(str(directory / ckpt.DEEPSPEED_DIR), tag=ckpt.DEEPSPEED_TAG,
+                                       load_module_strict=False, load_lr_scheduler_states=False)
+        else:
+            if (directory / ckpt.DEEPSPEED_DIR).is_dir():
+                raise ValueError(f"{directory} was written under DeepSpeed; resume it under the same DeepSpeed config")
+            ckpt.load_policy_weights(self.unwrapped_model, directory)
+            optimizer_state = torch.load(directory / ckpt.OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+            self.optimizer.load_state_dict(optimizer_state)  # moved to the parameters' device
         self.load_state_dict(state)
         self.epoch, self.batch_in_epoch = state["data"]["epoch"], state["data"]["batch"]
         if self.current_step > 0:

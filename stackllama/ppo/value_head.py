@@ -103,6 +103,16 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
     def is_quantized(self) -> bool:
         return bool(getattr(self.causal_lm, "is_loaded_in_8bit", False) or getattr(self.causal_lm, "is_loaded_in_4bit", False))
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(getattr(self.causal_lm, "is_gradient_checkpointing", False))
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        self.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.causal_lm.gradient_checkpointing_disable()
+
     def disable_adapter(self):
         """Context in which the model is the reference policy (LoRA adapters off)."""
         if not self.is_peft_model:
@@ -135,13 +145,21 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         return self.pretrained_model.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """Saves the adapter (PEFT) or the full model, plus the value head and its config."""
+    def save_pretrained(self, save_directory: str, state_dict: dict | None = None, **kwargs: Any) -> None:
+        """Saves the adapter (PEFT) or the full model, plus the value head and its config.
+
+        ``state_dict``: this wrapper's full state dict when the parameters themselves are not
+        whole here (DeepSpeed ZeRO-3 gathers it with ``accelerator.get_state_dict``)."""
         from safetensors.torch import save_file
 
         os.makedirs(save_directory, exist_ok=True)
+        head = self.v_head.state_dict()
+        if state_dict is not None:
+            inner = {k[len("pretrained_model."):]: v for k, v in state_dict.items() if k.startswith("pretrained_model.")}
+            head = {k[len("v_head."):]: v for k, v in state_dict.items() if k.startswith("v_head.")}
+            kwargs["state_dict"] = inner
         self.pretrained_model.save_pretrained(save_directory, **kwargs)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.v_head.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in head.items()}
         save_file(state, os.path.join(save_directory, VALUE_HEAD_FILE))
         with open(os.path.join(save_directory, VALUE_HEAD_CONFIG), "w") as f:
             json.dump(self.value_head_kwargs, f)

@@ -9,7 +9,9 @@ torch.utils.flop_counter) against this machine's measured fp32 matmul rate.
 
     python benchmarks/ppo_step.py [--steps 3] [--threads 2]
 
-A figure printer, never a pass/fail test.
+The same step with TRL 0.11's PPOTrainer, for comparison on the same machine at the same
+time: benchmarks/trl011_ppo_step.py (in a virtual environment of its own). A figure printer,
+never a pass/fail test.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import statistics
 import time
 import warnings
 
@@ -28,6 +29,7 @@ from peft import LoraConfig, get_peft_model
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
+from ppo_timing import median_of, print_split, time_step
 from stackllama.ppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 
 
@@ -89,38 +91,19 @@ def main() -> None:
             return list(reward_model(input_ids=ids).logits[:, 0])
 
     def one_step():
-        t0 = time.perf_counter()
-        responses = trainer.generate(queries, return_prompt=False, **gen_kwargs)
-        t1 = time.perf_counter()
-        scores = score(responses)
-        t2 = time.perf_counter()
-        stats = trainer.step(queries, responses, scores)
-        t3 = time.perf_counter()
-        return {
-            "generation": t1 - t0,
-            "scoring": t2 - t1,
-            "rollout forward": stats["time/ppo/forward_pass"],
-            "optimisation": stats["time/ppo/optimize_step"],
-            "other (advantages, stats)": (t3 - t2) - stats["time/ppo/forward_pass"] - stats["time/ppo/optimize_step"],
-            "total": t3 - t0,
-            "tokens": sum(len(r) for r in responses),
-        }
+        return time_step(trainer, queries, score, **gen_kwargs)
 
-    one_step()  # warm-up
-    runs = [one_step() for _ in range(args.steps)]
-    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    med = median_of(one_step, args.steps)
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the FLOP count's own tracing
 
     with FlopCounterMode(display=False) as counter:
         one_step()
     flops = counter.get_total_flops()
     rate = matmul_rate()
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    print(f"PPO step, {B} prompts x ({Q}+{R}) tokens, 4-layer 256-wide LLaMA (vocab {args.vocab}), LoRA r16 q/v, "
-          f"4 epochs x 4 minibatches, {'bf16 autocast' if args.bf16 else 'fp32'}, {torch.get_num_threads()} threads, median of {args.steps} steps")
-    for k in ("generation", "scoring", "rollout forward", "optimisation", "other (advantages, stats)"):
-        print(f"  {k:28s} {med[k]:7.3f} s  ({100 * med[k] / med['total']:4.1f}%)")
-    print(f"  {'total':28s} {med['total']:7.3f} s/step")
+    print_split(f"PPO step, {B} prompts x ({Q}+{R}) tokens, 4-layer 256-wide LLaMA (vocab {args.vocab}), LoRA r16 q/v, "
+                f"4 epochs x 4 minibatches, {'bf16 autocast' if args.bf16 else 'fp32'}, {torch.get_num_threads()} threads, "
+                f"median of {args.steps} steps", med)
     print(f"  tokens/s (prompt+response tokens processed per step / step time): {B * Q + med['tokens']:.0f} tok / "
           f"{med['total']:.3f} s = {(B * Q + med['tokens']) / med['total']:.0f} tok/s")
     print(f"  peak RSS: {peak_rss_mb:.0f} MB")

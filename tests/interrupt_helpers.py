@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -102,3 +103,36 @@ def accelerate_launch(args: list[str], nproc: int = 2, env: dict | None = None, 
     command = [PYTHON, "-m", "accelerate.commands.launch", *how, "--num_processes", str(nproc),
                "--mixed_precision", "no", *args]
     return run_group(command, env, timeout, f"{nproc}-process accelerate launch of {args[0]} ({config_file or 'multi_gpu'})")
+
+
+# Started in every process of a launch (the launcher too: it has no RANK and is left alone).
+_RANK_RECORDER = r'''
+import os
+
+if "RANK" in os.environ and "MP_RECORD" in os.environ:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    import stackllama.stage
+
+    RECORD = Path(os.environ["MP_RECORD"])
+    RANK = int(os.environ["RANK"])
+    write_results = stackllama.stage.write_results
+
+    def hooked_write_results(output_dir, filename, results):
+        RECORD.mkdir(parents=True, exist_ok=True)
+        with open(RECORD / f"writes{RANK}.txt", "a") as f:
+            f.write(filename + "\n")
+        return write_results(output_dir, filename, results)
+
+    stackllama.stage.write_results = hooked_write_results
+'''
+
+
+def rank_recorder(body: str) -> str:
+    """`sitecustomize` code for the processes of a launch: each rank appends the results files it
+    writes (`stackllama.stage.write_results`) to $MP_RECORD/writes<rank>.txt, then runs `body`,
+    which sees `RECORD`, `RANK`, `json`, `Path` and `torch`."""
+    return _RANK_RECORDER + textwrap.indent(textwrap.dedent(body), "    ")

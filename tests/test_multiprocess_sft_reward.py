@@ -24,30 +24,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from interrupt_helpers import REPO, accelerate_launch, hook_env, torchrun
+from interrupt_helpers import REPO, accelerate_launch, hook_env, rank_recorder, torchrun
 from safetensors.torch import load_file
 from sft_helpers import small_run_args, small_stage_inputs
 
 pytestmark = pytest.mark.slow
 
-# Started in every process (the launchers too; they have no RANK and are left alone).
-HOOK = r'''
-import os
-
-if "RANK" in os.environ and "MP_RECORD" in os.environ:
-    import json
-    from pathlib import Path
-
-    import torch
+HOOK = rank_recorder(r'''
     import transformers
 
-    import stackllama.stage
-
-    RECORD = Path(os.environ["MP_RECORD"])
-    RANK = int(os.environ["RANK"])
     train, training_step = transformers.Trainer.train, transformers.Trainer.training_step
-    write_results = stackllama.stage.write_results
-    batches, writes = [], []
+    batches = []
 
     def trainable(model):
         return torch.cat([p.detach().float().reshape(-1).cpu() for _, p in sorted(model.named_parameters())
@@ -85,16 +72,9 @@ if "RANK" in os.environ and "MP_RECORD" in os.environ:
         (RECORD / f"rank{RANK}.json").write_text(json.dumps(info))
         return output
 
-    def hooked_write_results(output_dir, filename, results):
-        RECORD.mkdir(parents=True, exist_ok=True)
-        with open(RECORD / f"writes{RANK}.txt", "a") as f:
-            f.write(filename + "\n")
-        return write_results(output_dir, filename, results)
-
     transformers.Trainer.train = hooked_train
     transformers.Trainer.training_step = hooked_training_step
-    stackllama.stage.write_results = hooked_write_results
-'''
+''')
 
 TIMEOUT = 240
 

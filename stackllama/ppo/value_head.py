@@ -135,7 +135,8 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
         end = hidden.shape[1] if logits_len is None else logits_start + logits_len
-        hidden = hidden[:, logits_start:end]
+        # contiguous: the LM head is then one (n*len, H) x (H, V) matmul, not a slower batched one
+        hidden = hidden[:, logits_start:end].contiguous()
         logits = lm.get_output_embeddings()(hidden)
         values = self.v_head(hidden) if return_values else None
         return logits, values

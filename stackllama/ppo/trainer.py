@@ -131,6 +131,7 @@ class PPOTrainer:
             raise ValueError("the PPO trainer does not run under FSDP (generation on sharded weights would hang); "
                              "for sharded weights use accelerate_configs/deepspeed_zero3.yaml")
         self.is_deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.is_zero3 = self.is_deepspeed and self.accelerator.state.deepspeed_plugin.zero_stage == 3
         if self.is_deepspeed:
             self._configure_deepspeed()
         if cfg.log_with is not None:
@@ -239,7 +240,7 @@ class PPOTrainer:
             and not self.unwrapped_model.is_quantized
             # ZeRO-3: the value head's shards would be needed mid-generation, when the ranks are
             # out of step (different response lengths); the rollout pass recomputes them instead
-            and not (self.is_deepspeed and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
+            and not self.is_zero3
         )
 
     @property
@@ -309,7 +310,7 @@ class PPOTrainer:
             from trl.models.utils import unwrap_model_for_generation  # imported only here: ~250 MB of RSS
 
             gather = self.config.ds3_gather_for_generation
-            if self.accelerator.state.deepspeed_plugin.zero_stage == 3 and not gather:
+            if self.is_zero3 and not gather:
                 generation_kwargs.setdefault("synced_gpus", True)
             unwrapped = unwrap_model_for_generation(self.model, self.accelerator, gather_deepspeed3_params=gather)
         with unwrapped as model, eval_mode(model, enabled=self.config.rollout_in_eval_mode):

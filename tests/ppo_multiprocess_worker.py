@@ -25,6 +25,11 @@ queries = make_queries(tok, 4, seed=rank)
 for _ in range(2):
     responses = trainer.generate(queries, return_prompt=False, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=5)
     stats = trainer.step(queries, responses, [torch.tensor(float(rank + i)) for i in range(4)])
+# The same prompts on both ranks: the samples must differ (process i samples with seed + i)
+same = trainer.generate(make_queries(tok, 4, seed=123), return_prompt=False, do_sample=True, top_k=0, top_p=1.0,
+                        max_new_tokens=8)
+padded = torch.stack([torch.nn.functional.pad(r, (0, 8 - len(r)), value=-1) for r in same])  # cut at EOS
+samples = trainer.accelerator.gather(padded[None])
 lora_b = torch.cat([p.detach().flatten() for n, p in trainer.unwrapped_model.named_parameters() if "lora_B" in n])
 gathered = trainer.accelerator.gather(lora_b[None])
 result = {
@@ -36,6 +41,7 @@ result = {
     "running_mean": trainer.running.mean,
     "kl": stats["objective/kl"],
     "kl_coef": trainer.kl_ctl.value,
+    "samples_differ_by_rank": not torch.equal(samples[0], samples[1]),
 }
 with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
     json.dump(result, f)

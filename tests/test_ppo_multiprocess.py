@@ -23,6 +23,7 @@ def test_two_process_ppo_steps(tmp_path):
         assert res["world"] == 2 and res["wrapped"] == "DistributedDataParallel"
         assert res["same_weights"] and res["moved"]
         assert res["running_mean"] == pytest.approx(2.0)  # scores 0..3 and 1..4, over both ranks
+        assert res["samples_differ_by_rank"]  # same prompts, different samples: seed + rank
 
 
 # --------------------------------------------------------------------------- the real script

@@ -845,15 +845,10 @@ class PPOTrainer:
             checkpoint.clear_staging(final)
         acc.wait_for_everyone()
         staging = checkpoint.staging_dir(final)
-        state_dict = acc.get_state_dict(self.model) if self.is_deepspeed else None  # ZeRO-3: gathered
-        if acc.is_main_process:
-            self.unwrapped_model.save_pretrained(str(staging), state_dict=state_dict)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(str(staging))
-            if not self.is_deepspeed:
-                torch.save(self.optimizer.state_dict(), staging / ckpt.OPTIMIZER_FILE)
+        self.save_pretrained(str(staging))  # the policy, reloadable as it is
+        if acc.is_main_process and not self.is_deepspeed:
+            torch.save(self.optimizer.state_dict(), staging / ckpt.OPTIMIZER_FILE)
         if self.is_deepspeed:  # the optimizer state is sharded: every process writes its part
-            acc.wait_for_everyone()
             self.model.save_checkpoint(str(staging / ckpt.DEEPSPEED_DIR), tag=ckpt.DEEPSPEED_TAG,
                                        exclude_frozen_parameters=True)
         if acc.is_main_process:

@@ -56,6 +56,13 @@ class PPOConfig:
     """Chunk size of the no-grad rollout forward passes (None: ``mini_batch_size``)."""
     generation_batch_size: int = 4
     """Prompts per ``generate`` call (TRL's default 4); left-padded, KV cache on."""
+    fast_sampling: bool = True
+    """Speed: when the generation settings are pure sampling (``do_sample``, ``top_k=0``,
+    ``top_p=1``, a temperature, ``max_new_tokens``: the recipe's), sample with the
+    trainer's own decode loop (:mod:`stackllama.ppo.sampling`) instead of transformers'
+    ``generate``: the same distribution, without ``generate``'s per-token processors and a
+    vocabulary-wide ``multinomial``. Other settings, and DeepSpeed, always use ``generate``.
+    False: always ``generate``."""
 
     # ------------------------------------------------------------------ optimizer
     learning_rate: float = 1.41e-5
@@ -126,13 +133,15 @@ class PPOConfig:
     active while sampling and in ``pi_old``. Updates still run in train mode (TRL)."""
     reuse_generation_logprobs: bool = True
     """Speed: take ``log pi_old`` and ``V_old`` of the responses from the forward passes
-    ``generate`` already ran (the LM head's input and output at each sampled token),
-    instead of a second no-grad pass of the policy. Equal to the recomputed values to
-    float tolerance (KV cache vs full pass; tested). Used only when ``step`` receives
-    exactly the responses of the last ``generate`` call and no update happened in
-    between, and not with ``kl_penalty="full"``, ``bf16_autocast`` or a 4/8-bit base
-    (there the cached and full passes round differently, so the first ratio would not be
-    1), nor under DeepSpeed ZeRO-3; otherwise the pass is recomputed."""
+    sampling already ran (the last hidden state and logits at each sampled token),
+    instead of a second no-grad pass of the policy. In fp32 equal to the recomputed values
+    to float tolerance (KV cache vs full pass; tested). Under ``bf16_autocast`` the two
+    passes round differently, by as much as the full pass differs from fp32 (mean
+    |diff| about 1e-3 nats per token on the benchmark, unbiased; tested), so it is used
+    there too. Used only when ``step`` receives exactly the responses of the last
+    ``generate`` call and no update happened in between, and not with
+    ``kl_penalty="full"``, a 4/8-bit base, or DeepSpeed ZeRO-3; otherwise the pass is
+    recomputed."""
     position_ids_from_attention_mask: bool = True
     """**[fix]** Pass ``position_ids = cumsum(attention_mask) - 1`` in every forward pass, so
     that left padding does not shift positions (``generate`` already does this). TRL 0.11

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 from .. import checkpoint
 from ..modeling import process_state
 from . import checkpointing as ckpt
-from . import core
+from . import core, sampling
 from .config import PPOConfig
 from .guards import (
     NonFiniteError,
@@ -58,6 +58,7 @@ from .guards import (
     stopped,
 )
 from .kl_controllers import AdaptiveKLController, FixedKLController
+from .mixed_precision import Bf16Autocast
 from .optim import AdamTFStyle
 from .value_head import AutoModelForCausalLMWithValueHead, eval_mode
 
@@ -188,6 +189,10 @@ class PPOTrainer:
         else:
             self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.trainable_params = params
+        self._bf16 = None
+        if cfg.bf16_autocast:
+            self._bf16 = Bf16Autocast([self.unwrapped_model, self.ref_model], self.accelerator.device.type,
+                                      cpu_speedups=not self.is_deepspeed)
         self.base_lr = [g["lr"] for g in self.optimizer.param_groups]
 
         if cfg.adap_kl_ctrl:
@@ -202,6 +207,7 @@ class PPOTrainer:
         self._epoch_start_state = self._data_generator.get_state()
         self._sampling_temperature = 1.0
         self._generation_cache: Optional[list] = None
+        self._logged_fallbacks: set = set()
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
         if eos is None:
             eos = self.unwrapped_model.generation_config.eos_token_id
@@ -224,11 +230,13 @@ class PPOTrainer:
             logger.info("DeepSpeed steps the optimizer itself: a minibatch skipped by ratio_threshold adds a zero "
                         "gradient, and a window of only skipped minibatches still steps (as in TRL 0.11)")
 
-    def _autocast(self):
-        """bf16 autocast around a forward pass when ``bf16_autocast``, else nothing."""
-        if not self.config.bf16_autocast:
+    def _autocast(self, full_sequence: bool = True):
+        """bf16 autocast around a forward pass when ``bf16_autocast``, else nothing
+        (``full_sequence``: a rollout or update pass, not a sampling step; see
+        :mod:`.mixed_precision`)."""
+        if self._bf16 is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.accelerator.device.type, dtype=torch.bfloat16)
+        return self._bf16(full_sequence=full_sequence)
 
     @property
     def _reuse_generation(self) -> bool:
@@ -236,7 +244,6 @@ class PPOTrainer:
         return (
             cfg.reuse_generation_logprobs
             and cfg.kl_penalty != "full"
-            and not cfg.bf16_autocast
             and not self.unwrapped_model.is_quantized
             # ZeRO-3: the value head's shards would be needed mid-generation, when the ranks are
             # out of step (different response lengths); the rollout pass recomputes them instead
@@ -278,7 +285,9 @@ class PPOTrainer:
         return_prompt: bool = True,
         **generation_kwargs,
     ):
-        """Samples responses in batches of ``batch_size`` left-padded prompts (KV cache on).
+        """Samples responses in batches of ``batch_size`` left-padded prompts (KV cache on),
+        with the trainer's sampling loop for pure sampling (``fast_sampling``), else
+        transformers' ``generate``.
 
         Each response is cut after its first EOS or stop token (kept; stop tokens only from
         position ``stop_after``). ``length_sampler()`` draws ``max_new_tokens`` per batch.
@@ -313,6 +322,8 @@ class PPOTrainer:
             if self.is_zero3 and not gather:
                 generation_kwargs.setdefault("synced_gpus", True)
             unwrapped = unwrap_model_for_generation(self.model, self.accelerator, gather_deepspeed3_params=gather)
+        own_loop = self._sampling_loop_allowed(model, generation_kwargs, length_sampler is not None)
+        eos_ids = flatten_stop_ids(effective_generation_param("eos_token_id", generation_kwargs, gen_config))
         with unwrapped as model, eval_mode(model, enabled=self.config.rollout_in_eval_mode):
             lm_head = model.causal_lm.get_output_embeddings()
             for start in range(0, len(queries), batch_size):
@@ -321,32 +332,52 @@ class PPOTrainer:
                 if length_sampler is not None:
                     kwargs["max_new_tokens"] = length_sampler()
                 input_ids, attention_mask = self._left_pad(chunk)
-                seen = []  # per forward of generate: (last hidden state, last logits)
-                handle = lm_head.register_forward_hook(lambda m, i, o: seen.append((i[0][:, -1], o[:, -1]))) if capture else None
-                try:
-                    with self._autocast():
-                        generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-                finally:
-                    if handle is not None:
-                        handle.remove()
-                new_tokens = generated[:, input_ids.shape[1] :]
+                if own_loop:
+                    with self._autocast(full_sequence=False):
+                        new_tokens, logprobs, hidden = sampling.sample(
+                            model.causal_lm, input_ids, attention_mask, kwargs["max_new_tokens"], self._sampling_temperature,
+                            eos_ids, kwargs["pad_token_id"], logprob_temperature=self._logprob_temperature() if capture else None,
+                        )
+                else:
+                    seen = []  # per forward of generate: (last hidden state, last logits)
+                    handle = lm_head.register_forward_hook(lambda m, i, o: seen.append((i[0][:, -1], o[:, -1]))) if capture else None
+                    try:
+                        with self._autocast(full_sequence=False):
+                            generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+                    finally:
+                        if handle is not None:
+                            handle.remove()
+                    new_tokens = generated[:, input_ids.shape[1] :]
+                    logprobs = hidden = None
+                    if capture and len(seen) == new_tokens.shape[1]:  # forward k of generate gave the logits of token k
+                        hidden = torch.stack([h for h, _ in seen], dim=1)
+                        logits = torch.stack([o for _, o in seen], dim=1)
+                        logprobs = core.logprobs_from_logits(logits, new_tokens, self._logprob_temperature())
                 responses = self._truncate(new_tokens)
                 if capture:
-                    cache.extend(self._score_generation(model, seen, new_tokens, responses))
+                    cache.extend(self._generation_rows(model, logprobs, hidden, responses))
                 for q, r in zip(chunk, responses):
                     outputs.append(torch.cat([q, r]) if return_prompt else r)
         self._generation_cache = cache
         return outputs[0] if single else outputs
 
-    def _score_generation(self, model, seen, new_tokens, responses) -> list:
-        """``log pi_old`` and ``V_old`` of each sampled token from generate's own passes:
-        forward ``k`` of ``generate`` produced the logits of new token ``k``."""
-        if len(seen) != new_tokens.shape[1]:  # unexpected generate internals: recompute later
+    def _sampling_loop_allowed(self, model, generation_kwargs: dict, sampled_length: bool) -> bool:
+        """Whether ``generate`` samples with :mod:`.sampling`'s loop (pure sampling, no
+        DeepSpeed) rather than transformers' ``generate``; a fallback is logged once."""
+        if not self.config.fast_sampling or self.is_deepspeed:
+            return False
+        kwargs = dict(generation_kwargs, max_new_tokens=1) if sampled_length else generation_kwargs
+        reason = sampling.unsupported_reason(model.causal_lm, kwargs)
+        if reason is not None and reason not in self._logged_fallbacks:
+            self._logged_fallbacks.add(reason)
+            logger.info("sampling with transformers' generate (the PPO sampling loop does not handle %s)", reason)
+        return reason is None
+
+    def _generation_rows(self, model, logprobs, hidden, responses) -> list:
+        """``(response, log pi_old, V_old)`` per row from the sampling passes themselves
+        (None entries when they were not captured: the rollout pass recomputes them)."""
+        if logprobs is None:
             return [None] * len(responses)
-        hidden = torch.stack([h for h, _ in seen], dim=1)
-        logits = torch.stack([o for _, o in seen], dim=1)
-        temperature = self._logprob_temperature()
-        logprobs = core.logprobs_from_logits(logits, new_tokens, temperature)
         values = model.v_head(hidden).float()
         return [(r, lp[: len(r)], v[: len(r)]) for r, lp, v in zip(responses, logprobs, values)]
 

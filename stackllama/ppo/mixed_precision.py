@@ -1,0 +1,111 @@
+"""bf16 autocast for the PPO passes (``PPOConfig.bf16_autocast``), with two CPU speedups.
+
+On a GPU this is plain ``torch.autocast(dtype=bfloat16)``. On a CPU two things made bf16
+barely faster than fp32 there (``benchmarks/ppo_step.py --bf16``), and are changed:
+
+- **Frozen weights are cast once.** Autocast caches its bf16 copy of a weight only for
+  weights that require grad, so every call re-casts every frozen ``nn.Linear`` weight (the
+  whole base under LoRA, the reference model). Here each frozen fp32 ``nn.Linear`` weight
+  gets one bf16 copy, swapped in for the duration of the context: the very tensor autocast
+  would have made, so the results are bit-identical, and decoding reads half the bytes.
+  Memory: a bf16 copy of those weights (half their fp32 size); load the base in bf16 to
+  need neither. Re-made when the weight is modified in place.
+- **Attention over full sequences runs in fp32.** PyTorch's CPU flash-attention backward
+  is about 2x slower in bf16 than in fp32 (forward: equal). In the rollout and update
+  passes (not in sampling, where casting the KV cache would cost more than it saves),
+  query/key/value are cast to fp32 for ``scaled_dot_product_attention`` and the output
+  back to bf16: more precise than bf16 attention, and faster here. Only for models on
+  transformers' ``sdpa`` attention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable
+
+import torch
+from torch import nn
+
+FP32_SDPA = "stackllama_sdpa_fp32"
+_registered = False
+
+
+def _register_fp32_sdpa() -> None:
+    """Registers the ``FP32_SDPA`` attention implementation with transformers (once)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
+        dtype = query.dtype
+        with torch.autocast(query.device.type, enabled=False):
+            out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+        return out.to(dtype), weights
+
+    AttentionInterface.register(FP32_SDPA, sdpa_fp32)
+    AttentionMaskInterface.register(FP32_SDPA, sdpa_mask)
+    _registered = True
+
+
+class Bf16Autocast:
+    """``with autocast(full_sequence=...)``: bf16 autocast for forward passes of ``models``
+    on ``device_type`` (see module docstring for the CPU specifics)."""
+
+    def __init__(self, models: Iterable[nn.Module], device_type: str, cpu_speedups: bool = True) -> None:
+        self.models = [m for m in models if m is not None]
+        self.device_type = device_type
+        self.cpu_speedups = cpu_speedups and device_type == "cpu"  # off under DeepSpeed (sharded weights)
+        self._copies: dict[nn.Linear, tuple[int, torch.Tensor]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, full_sequence: bool = True):
+        with contextlib.ExitStack() as stack:
+            if self.cpu_speedups:
+                stack.enter_context(self._bf16_frozen_weights())
+                if full_sequence:
+                    stack.enter_context(self._fp32_attention())
+            stack.enter_context(torch.autocast(device_type=self.device_type, dtype=torch.bfloat16))
+            yield
+
+    def _frozen_linears(self):
+        for model in self.models:
+            for module in model.modules():
+                w = module._parameters.get("weight") if type(module) is nn.Linear else None
+                if w is not None and not w.requires_grad and w.dtype == torch.float32:
+                    yield module, w
+
+    @contextlib.contextmanager
+    def _bf16_frozen_weights(self):
+        swapped = []
+        try:
+            for module, weight in list(self._frozen_linears()):
+                version, copy = self._copies.get(module, (None, None))
+                if version != weight._version:  # first use, or the weight was changed in place
+                    copy = nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False)
+                    self._copies[module] = (weight._version, copy)
+                module._parameters["weight"] = copy
+                swapped.append((module, weight))
+            yield
+        finally:
+            for module, weight in swapped:
+                module._parameters["weight"] = weight
+
+    @contextlib.contextmanager
+    def _fp32_attention(self):
+        configs = []
+        for model in self.models:
+            config = getattr(model, "config", None)
+            if getattr(config, "_attn_implementation", None) == "sdpa" and all(config is not c for c in configs):
+                configs.append(config)
+        if configs:
+            _register_fp32_sdpa()
+        try:
+            for config in configs:
+                config._attn_implementation = FP32_SDPA
+            yield
+        finally:
+            for config in configs:
+                config._attn_implementation = "sdpa"

@@ -1,0 +1,146 @@
+"""Ancestral sampling for rollouts: the decode loop, written out.
+
+Why not ``generate``: for the sampling PPO needs (``do_sample``, ``top_k=0``, ``top_p=1``, a
+temperature: the recipe's settings) ``generate`` adds logits processors, stopping criteria
+and a ``multinomial`` draw over the whole vocabulary at every token; on the benchmark's
+tiny workload that is about a fifth of the generation time (``benchmarks/ppo_step.py``).
+This loop does only that sampling: one forward of the decoder per new token with the KV
+cache, the LM head on the last position only, the next token drawn by inverse CDF from
+``softmax(logits / T)``, rows that emitted EOS padded, the loop ended when all rows have.
+It also returns, per sampled token, ``log pi(token)`` and the last hidden state, so the
+rollout needs no second policy pass for ``log pi_old`` / ``V_old``.
+
+Any other setting (top-k / top-p, penalties, ``min_new_tokens``, beams, streamers,
+sliding-window or recurrent caches, logit soft-capping, DeepSpeed) is left to
+``generate``: :func:`unsupported_reason` names why.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import core
+
+# Generation-config fields this loop implements; any other non-default field goes to generate.
+_HANDLED = {
+    "do_sample", "temperature", "top_k", "top_p", "max_new_tokens", "max_length", "use_cache",
+    "pad_token_id", "bos_token_id", "eos_token_id", "output_attentions", "output_hidden_states",
+    "return_dict_in_generate", "_from_model_config", "transformers_version",
+}
+
+
+def unsupported_reason(causal_lm, generation_kwargs: dict) -> Optional[str]:
+    """None when :func:`sample` draws exactly what ``generate(**generation_kwargs)`` would
+    (pure sampling), else why not."""
+    from transformers import DynamicCache, GenerationConfig
+    from transformers.cache_utils import DynamicLayer
+
+    config = causal_lm.generation_config.__class__.from_dict(causal_lm.generation_config.to_dict())
+    unused = config.update(**generation_kwargs)
+    if unused:
+        return f"generate arguments {sorted(unused)}"
+    extra = set(config.to_diff_dict()) - _HANDLED
+    if extra:
+        return f"generation settings {sorted(extra)}"
+    defaults = GenerationConfig._get_default_generation_params() if hasattr(GenerationConfig, "_get_default_generation_params") else {}
+
+    def effective(name, fallback):
+        value = getattr(config, name, None)
+        value = defaults.get(name) if value is None else value
+        return fallback if value is None else value
+
+    if not effective("do_sample", False):
+        return "do_sample is off"
+    if effective("top_k", 0) not in (0, None):
+        return f"top_k={effective('top_k', 0)}"
+    if effective("top_p", 1.0) != 1.0:
+        return f"top_p={effective('top_p', 1.0)}"
+    if config.max_new_tokens is None:
+        return "no max_new_tokens"
+    if config.output_attentions or config.output_hidden_states or config.return_dict_in_generate:
+        return "generate outputs requested"
+    if not (getattr(config, "use_cache", True) in (True, None)):
+        return "use_cache=False"
+    model_config = causal_lm.config
+    for name in ("final_logit_softcapping", "logit_scale"):
+        if getattr(model_config, name, None) not in (None, 1.0):
+            return f"the model's {name} (applied outside the LM head)"
+    if getattr(model_config, "is_encoder_decoder", False):
+        return "an encoder-decoder model"
+    try:
+        layers = DynamicCache(config=model_config).layers
+    except Exception as exc:  # noqa: BLE001 - any model whose cache we cannot build
+        return f"its KV cache ({exc})"
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return "a sliding-window or recurrent KV cache"
+    return None
+
+
+def draw(probs: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``probs`` (B, V), by inverse CDF: the first index whose
+    cumulative probability reaches ``u * total``, ``u`` uniform in (0, 1]. The same
+    distribution as ``torch.multinomial(probs, 1)``, with one random number per row instead
+    of one per vocabulary entry; zero-probability tokens are never drawn."""
+    cdf = probs.cumsum(-1)
+    u = 1.0 - torch.rand(probs.shape[0], 1, device=probs.device, dtype=cdf.dtype)  # (0, 1]
+    return torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=probs.shape[-1] - 1)[:, 0]
+
+
+@torch.no_grad()
+def sample(
+    causal_lm,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    eos_token_ids,
+    pad_token_id: int,
+    logprob_temperature: Optional[float] = None,
+):
+    """Samples up to ``max_new_tokens`` after left-padded prompts ``(B, Q)``.
+
+    Returns ``(tokens, logprobs, hidden)``: ``tokens`` (B, n) with ``pad_token_id`` after a
+    row's EOS, ``n <= max_new_tokens`` (the loop stops once every row has ended); when
+    ``logprob_temperature`` is given, ``logprobs`` (B, n) = ``log softmax(logits / T_lp)`` at
+    each sampled token and ``hidden`` (B, n, H) the last hidden states that produced them,
+    else both None. Positions follow the attention mask (``cumsum - 1``), as in ``generate``.
+    """
+    from transformers import DynamicCache
+
+    decoder = causal_lm.get_decoder()
+    lm_head = causal_lm.get_output_embeddings()
+    B, Q = input_ids.shape
+    device = input_ids.device
+    eos = torch.as_tensor(list(eos_token_ids), device=device, dtype=torch.long)
+    mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], dim=1)
+    positions = core.position_ids_from_attention_mask(attention_mask)
+    cache = DynamicCache(config=causal_lm.config)
+    capture = logprob_temperature is not None
+
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                     past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+    position = positions[:, -1:]
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens, logprobs, hiddens = [], [], []
+    for t in range(max_new_tokens):
+        logits = lm_head(hidden).float()
+        log_p = torch.log_softmax(logits / temperature, dim=-1)
+        token = draw(log_p.exp())
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        tokens.append(token)
+        if capture:
+            lp_all = log_p if logprob_temperature == temperature else torch.log_softmax(logits / logprob_temperature, -1)
+            logprobs.append(lp_all.gather(-1, token[:, None])[:, 0])
+            hiddens.append(hidden)
+        finished |= torch.isin(token, eos)
+        if t == max_new_tokens - 1 or bool(finished.all()):
+            break
+        position = position + 1
+        hidden = decoder(input_ids=token[:, None], attention_mask=mask[:, : Q + t + 1], position_ids=position,
+                         past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+    tokens = torch.stack(tokens, dim=1)
+    if not capture:
+        return tokens, None, None
+    return tokens, torch.stack(logprobs, dim=1), torch.stack(hiddens, dim=1)

@@ -4,8 +4,8 @@ Why not ``generate``: for the sampling PPO needs (``do_sample``, ``top_k=0``, ``
 temperature: the recipe's settings) ``generate`` adds logits processors, stopping criteria
 and a ``multinomial`` draw over the whole vocabulary at every token; on the benchmark's
 tiny workload that is about a fifth of the generation time (``benchmarks/ppo_step.py``).
-This loop does only that sampling: one forward of the decoder per new token with the KV
-cache, the LM head on the last position only, the next token drawn by inverse CDF from
+This loop does only that sampling: one forward of the decoder per new token with a KV
+cache allocated once for prompt + ``max_new_tokens``, the LM head on the last position only, the next token drawn by inverse CDF from
 ``softmax(logits / T)``, rows that emitted EOS padded, the loop ended when all rows have.
 It also returns, per sampled token, ``log pi(token)`` and the last hidden state, so the
 rollout needs no second policy pass for ``log pi_old`` / ``V_old``.
@@ -20,6 +20,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from . import core
 
@@ -34,8 +36,7 @@ _HANDLED = {
 def unsupported_reason(causal_lm, generation_kwargs: dict) -> Optional[str]:
     """None when :func:`sample` draws exactly what ``generate(**generation_kwargs)`` would
     (pure sampling), else why not."""
-    from transformers import DynamicCache, GenerationConfig
-    from transformers.cache_utils import DynamicLayer
+    from transformers import GenerationConfig
 
     config = causal_lm.generation_config.__class__.from_dict(causal_lm.generation_config.to_dict())
     unused = config.update(**generation_kwargs)
@@ -78,6 +79,37 @@ def unsupported_reason(causal_lm, generation_kwargs: dict) -> Optional[str]:
     return None
 
 
+class PreallocatedLayer(DynamicLayer):
+    """transformers' ``DynamicLayer``, but new keys/values are written into buffers sized
+    for prompt + ``max_new_tokens`` instead of concatenated (a copy of the whole cache per
+    token and layer); attention gets views of the filled part."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._keys = key_states.new_empty(*key_states.shape[:2], self.capacity, key_states.shape[-1])
+        self._values = value_states.new_empty(*value_states.shape[:2], self.capacity, value_states.shape[-1])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        self._keys[:, :, self.length : end] = key_states
+        self._values[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values
+
+
+def _kv_cache(model_config, capacity: int) -> DynamicCache:
+    cache = DynamicCache(config=model_config)
+    cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
+    return cache
+
+
 def draw(probs: torch.Tensor) -> torch.Tensor:
     """One token per row of ``probs`` (B, V), by inverse CDF: the first index whose
     cumulative probability reaches ``u * total``, ``u`` uniform in (0, 1]. The same
@@ -107,8 +139,6 @@ def sample(
     each sampled token and ``hidden`` (B, n, H) the last hidden states that produced them,
     else both None. Positions follow the attention mask (``cumsum - 1``), as in ``generate``.
     """
-    from transformers import DynamicCache
-
     decoder = causal_lm.get_decoder()
     lm_head = causal_lm.get_output_embeddings()
     B, Q = input_ids.shape
@@ -116,7 +146,7 @@ def sample(
     eos = torch.as_tensor(list(eos_token_ids), device=device, dtype=torch.long)
     mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], dim=1)
     positions = core.position_ids_from_attention_mask(attention_mask)
-    cache = DynamicCache(config=causal_lm.config)
+    cache = _kv_cache(causal_lm.config, Q + max_new_tokens)
     capture = logprob_temperature is not None
 
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,

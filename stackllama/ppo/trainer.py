@@ -47,6 +47,7 @@ from ..modeling import process_state
 from . import checkpointing as ckpt
 from . import core, sampling
 from .config import PPOConfig
+from .cpu_dropout import use_cpu_dropout
 from .guards import (
     NonFiniteError,
     check_finite,
@@ -189,6 +190,8 @@ class PPOTrainer:
         else:
             self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.trainable_params = params
+        if self.accelerator.device.type == "cpu" and not self.is_deepspeed:
+            use_cpu_dropout(self.unwrapped_model)  # the same masks, drawn at half the cost (cpu_dropout.py)
         self._bf16 = None
         if cfg.bf16_autocast:
             self._bf16 = Bf16Autocast([self.unwrapped_model, self.ref_model], self.accelerator.device.type,

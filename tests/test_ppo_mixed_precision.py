@@ -34,7 +34,7 @@ def test_frozen_weights_cast_once_give_bit_identical_outputs(tok):
     weight = q_proj.weight
     seen = []
     hook = q_proj.register_forward_hook(lambda m, i, o: seen.append(m.weight.dtype))
-    with torch.no_grad(), autocast(full_sequence=False):  # the weight copies only
+    with torch.no_grad(), autocast._bf16_frozen_weights(), torch.autocast("cpu", dtype=torch.bfloat16):  # the copies only
         got, _ = policy(input_ids=ids, attention_mask=mask)
     hook.remove()
     assert seen == [torch.bfloat16]  # the bf16 copy was in use...
@@ -44,39 +44,57 @@ def test_frozen_weights_cast_once_give_bit_identical_outputs(tok):
     lora_a = policy.causal_lm.model.layers[0].self_attn.q_proj.lora_A["default"]
     assert lora_a not in autocast._copies  # trainable weights are left to autocast
 
-    with torch.no_grad(), autocast(full_sequence=False):
+    with torch.no_grad(), autocast():
         policy(input_ids=ids, attention_mask=mask)
     assert autocast._copies[q_proj][1] is copy  # made once...
     with torch.no_grad():
         weight.mul_(2.0)
-        with autocast(full_sequence=False):
+        with autocast():
             changed, _ = policy(input_ids=ids, attention_mask=mask)
     assert autocast._copies[q_proj][1] is not copy  # ...and re-made after an in-place change
     assert not torch.equal(changed, expected)
 
 
-def test_full_sequence_passes_use_fp32_attention_and_restore_sdpa(tok):
+def test_attention_runs_in_fp32_and_sdpa_is_restored(tok):
     model = make_model(tok)
     ids, mask = batch(tok)
     assert model.config._attn_implementation == "sdpa"
     autocast = Bf16Autocast([model], "cpu")
+    assert autocast.kv_cache_dtype == torch.float32
     during = []
     hook = model.model.layers[0].self_attn.register_forward_pre_hook(lambda m, a: during.append(m.config._attn_implementation))
     with torch.no_grad():
         reference = model(input_ids=ids, attention_mask=mask).logits  # fp32
         with torch.autocast("cpu", dtype=torch.bfloat16):
             plain = model(input_ids=ids, attention_mask=mask).logits
-    with autocast(full_sequence=True):
+    with autocast():
         out = model(input_ids=ids, attention_mask=mask).logits
         out.float().sum().backward()  # gradients flow through the casts
-    with torch.no_grad(), autocast(full_sequence=False):
-        model(input_ids=ids, attention_mask=mask)
     hook.remove()
-    assert during == ["sdpa", "sdpa", FP32_SDPA, "sdpa"]
+    assert during == ["sdpa", "sdpa", FP32_SDPA]
     assert model.config._attn_implementation == "sdpa"
     assert model.model.embed_tokens.weight.grad is not None
     # fp32 attention: no further from the fp32 result than bf16 attention
     assert (out.float() - reference).abs().mean() <= (plain.float() - reference).abs().mean() * 1.05
+
+
+def test_sampling_with_an_fp32_kv_cache_under_bf16(tok):
+    """Sampling under the bf16 context with the cache in fp32 gives the log-probs a full bf16
+    pass gives, to bf16 rounding."""
+    from stackllama.ppo import sampling
+
+    model = make_model(tok)
+    ids, mask = batch(tok)
+    autocast = Bf16Autocast([model], "cpu")
+    torch.manual_seed(0)
+    with autocast():
+        tokens, logprobs, _ = sampling.sample(model, ids, mask, 5, 1.0, [], tok.pad_token_id, logprob_temperature=1.0,
+                                              cache_dtype=autocast.kv_cache_dtype)
+        full = torch.cat([ids, tokens], 1)
+        logits = model(input_ids=full, attention_mask=torch.cat([mask, torch.ones_like(tokens)], 1),
+                       position_ids=(torch.cat([mask, torch.ones_like(tokens)], 1).cumsum(1) - 1).clamp(min=0)).logits
+    expected = torch.log_softmax(logits[:, ids.shape[1] - 1 : -1].float(), -1).gather(-1, tokens[..., None])[..., 0]
+    assert (logprobs - expected).abs().max() < 0.05
 
 
 def test_eager_attention_and_non_cpu_devices_are_left_alone(tok):

@@ -135,3 +135,16 @@ def test_same_distribution_as_generate_for_a_left_padded_row(tok):
         p = torch.bincount(ours[row::2, 1], minlength=V).float() / 4000
         q = torch.bincount(theirs[row::2, 1], minlength=V).float() / 4000
         assert 0.5 * (p - q).abs().sum() < 0.07
+
+
+def test_preallocated_cache_layer_returns_what_dynamic_layer_returns():
+    from transformers.cache_utils import DynamicLayer
+
+    ours, theirs, fp32 = sampling.PreallocatedLayer(9), DynamicLayer(), sampling.PreallocatedLayer(9, torch.float32)
+    torch.manual_seed(0)
+    for n in (5, 1, 1, 2):
+        k, v = torch.randn(2, 3, n, 4, dtype=torch.bfloat16), torch.randn(2, 3, n, 4, dtype=torch.bfloat16)
+        got, want, wide = ours.update(k, v), theirs.update(k, v), fp32.update(k, v)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+        assert wide[0].dtype == torch.float32 and torch.equal(wide[0], want[0].float())
+    assert ours.get_seq_length() == theirs.get_seq_length() == 9

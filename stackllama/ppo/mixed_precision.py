@@ -10,18 +10,18 @@ barely faster than fp32 there (``benchmarks/ppo_step.py --bf16``), and are chang
   would have made, so the results are bit-identical, and decoding reads half the bytes.
   Memory: a bf16 copy of those weights (half their fp32 size); load the base in bf16 to
   need neither. Re-made when the weight is modified in place.
-- **Attention over full sequences runs in fp32.** PyTorch's CPU flash-attention backward
-  is about 2x slower in bf16 than in fp32 (forward: equal). In the rollout and update
-  passes (not in sampling, where casting the KV cache would cost more than it saves),
-  query/key/value are cast to fp32 for ``scaled_dot_product_attention`` and the output
-  back to bf16: more precise than bf16 attention, and faster here. Only for models on
-  transformers' ``sdpa`` attention.
+- **Attention runs in fp32.** PyTorch's CPU attention in bf16 is slower than in fp32:
+  2x in the flash-attention backward, about 4x for one-token decoding steps with a mask.
+  Query/key/value are cast to fp32 for ``scaled_dot_product_attention`` and the output
+  back to bf16 (more precise than bf16 attention, and faster here); sampling keeps its KV
+  cache in fp32 (``kv_cache_dtype``) so that no step casts the whole cache. Only for
+  models on transformers' ``sdpa`` attention.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -51,8 +51,8 @@ def _register_fp32_sdpa() -> None:
 
 
 class Bf16Autocast:
-    """``with autocast(full_sequence=...)``: bf16 autocast for forward passes of ``models``
-    on ``device_type`` (see module docstring for the CPU specifics)."""
+    """``with autocast():`` bf16 autocast for forward passes of ``models`` on
+    ``device_type`` (see the module docstring for the CPU specifics)."""
 
     def __init__(self, models: Iterable[nn.Module], device_type: str, cpu_speedups: bool = True) -> None:
         self.models = [m for m in models if m is not None]
@@ -60,13 +60,18 @@ class Bf16Autocast:
         self.cpu_speedups = cpu_speedups and device_type == "cpu"  # off under DeepSpeed (sharded weights)
         self._copies: dict[nn.Linear, tuple[int, torch.Tensor]] = {}
 
+    @property
+    def kv_cache_dtype(self) -> Optional[torch.dtype]:
+        """The dtype sampling should keep its KV cache in: fp32 where attention runs in fp32,
+        so that no step casts the whole cache."""
+        return torch.float32 if self.cpu_speedups else None
+
     @contextlib.contextmanager
-    def __call__(self, full_sequence: bool = True):
+    def __call__(self):
         with contextlib.ExitStack() as stack:
             if self.cpu_speedups:
                 stack.enter_context(self._bf16_frozen_weights())
-                if full_sequence:
-                    stack.enter_context(self._fp32_attention())
+                stack.enter_context(self._fp32_attention())
             stack.enter_context(torch.autocast(device_type=self.device_type, dtype=torch.bfloat16))
             yield
 

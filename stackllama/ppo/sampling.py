@@ -84,14 +84,15 @@ class PreallocatedLayer(DynamicLayer):
     for prompt + ``max_new_tokens`` instead of concatenated (a copy of the whole cache per
     token and layer); attention gets views of the filled part."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
-        self.capacity, self.length = capacity, 0
+        self.capacity, self.length, self.cache_dtype = capacity, 0, dtype
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        self._keys = key_states.new_empty(*key_states.shape[:2], self.capacity, key_states.shape[-1])
-        self._values = value_states.new_empty(*value_states.shape[:2], self.capacity, value_states.shape[-1])
+        dtype = self.cache_dtype or key_states.dtype
+        self._keys = key_states.new_empty(*key_states.shape[:2], self.capacity, key_states.shape[-1], dtype=dtype)
+        self._values = value_states.new_empty(*value_states.shape[:2], self.capacity, value_states.shape[-1], dtype=dtype)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -104,9 +105,9 @@ class PreallocatedLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def _kv_cache(model_config, capacity: int) -> DynamicCache:
+def _kv_cache(model_config, capacity: int, dtype: Optional[torch.dtype] = None) -> DynamicCache:
     cache = DynamicCache(config=model_config)
-    cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
+    cache.layers = [PreallocatedLayer(capacity, dtype) for _ in cache.layers]
     return cache
 
 
@@ -130,6 +131,7 @@ def sample(
     eos_token_ids,
     pad_token_id: int,
     logprob_temperature: Optional[float] = None,
+    cache_dtype: Optional[torch.dtype] = None,
 ):
     """Samples up to ``max_new_tokens`` after left-padded prompts ``(B, Q)``.
 
@@ -138,6 +140,7 @@ def sample(
     ``logprob_temperature`` is given, ``logprobs`` (B, n) = ``log softmax(logits / T_lp)`` at
     each sampled token and ``hidden`` (B, n, H) the last hidden states that produced them,
     else both None. Positions follow the attention mask (``cumsum - 1``), as in ``generate``.
+    ``cache_dtype``: keys/values are stored in this dtype (default: as computed).
     """
     decoder = causal_lm.get_decoder()
     lm_head = causal_lm.get_output_embeddings()
@@ -146,7 +149,7 @@ def sample(
     eos = torch.as_tensor(list(eos_token_ids), device=device, dtype=torch.long)
     mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], dim=1)
     positions = core.position_ids_from_attention_mask(attention_mask)
-    cache = _kv_cache(causal_lm.config, Q + max_new_tokens)
+    cache = _kv_cache(causal_lm.config, Q + max_new_tokens, cache_dtype)
     capture = logprob_temperature is not None
 
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,

@@ -233,13 +233,12 @@ class PPOTrainer:
             logger.info("DeepSpeed steps the optimizer itself: a minibatch skipped by ratio_threshold adds a zero "
                         "gradient, and a window of only skipped minibatches still steps (as in TRL 0.11)")
 
-    def _autocast(self, full_sequence: bool = True):
-        """bf16 autocast around a forward pass when ``bf16_autocast``, else nothing
-        (``full_sequence``: a rollout or update pass, not a sampling step; see
+    def _autocast(self):
+        """bf16 autocast around a forward pass when ``bf16_autocast``, else nothing (see
         :mod:`.mixed_precision`)."""
         if self._bf16 is None:
             return contextlib.nullcontext()
-        return self._bf16(full_sequence=full_sequence)
+        return self._bf16()
 
     @property
     def _reuse_generation(self) -> bool:
@@ -336,16 +335,17 @@ class PPOTrainer:
                     kwargs["max_new_tokens"] = length_sampler()
                 input_ids, attention_mask = self._left_pad(chunk)
                 if own_loop:
-                    with self._autocast(full_sequence=False):
+                    with self._autocast():
                         new_tokens, logprobs, hidden = sampling.sample(
                             model.causal_lm, input_ids, attention_mask, kwargs["max_new_tokens"], self._sampling_temperature,
                             eos_ids, kwargs["pad_token_id"], logprob_temperature=self._logprob_temperature() if capture else None,
+                            cache_dtype=self._bf16.kv_cache_dtype if self._bf16 is not None else None,
                         )
                 else:
                     seen = []  # per forward of generate: (last hidden state, last logits)
                     handle = lm_head.register_forward_hook(lambda m, i, o: seen.append((i[0][:, -1], o[:, -1]))) if capture else None
                     try:
-                        with self._autocast(full_sequence=False):
+                        with self._autocast():
                             generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
                     finally:
                         if handle is not None:

@@ -30,6 +30,20 @@ def test_logprobs_from_logits_with_and_without_temperature():
     assert core.logprobs_from_logits(logits.bfloat16(), labels).dtype == torch.float32
 
 
+def test_logprobs_and_entropy_share_one_logsumexp():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 5))
+    for t in (1.0, 0.7):
+        lp, h = core.logprobs_and_entropy(logits, labels, t)
+        torch.testing.assert_close(lp, core.logprobs_from_logits(logits, labels, t))
+        torch.testing.assert_close(h, core.entropy_from_logits(logits, t))
+        assert lp.requires_grad and not h.requires_grad
+        g, = torch.autograd.grad(lp.sum(), logits)
+        g_ref, = torch.autograd.grad(core.logprobs_from_logits(logits, labels, t).sum(), logits)
+        torch.testing.assert_close(g, g_ref)
+
+
 def test_entropy_from_logits():
     close(core.entropy_from_logits(torch.zeros(1, 2, 4)), [[math.log(4), math.log(4)]])
     p = [0.7, 0.2, 0.1]

@@ -509,36 +509,20 @@ def test_bf16_autocast_option(tok):
     snap = trainable_snapshot(trainer)
     stats = trainer.step(queries, responses, ones(4))
     handle.remove()
-    assert set(dtypes) == {torch.bfloat16}  # sampling, reference and update passes
-    # policy == reference at the start: the KL is only the rounding difference between the
-    # sampling passes (log pi_old, reused) and the reference pass, a few 1e-3 nats
-    assert abs(stats["objective/kl"]) < 0.05
+    assert set(dtypes) == {torch.bfloat16}  # sampling, rollout and update passes
+    assert stats["objective/kl"] == 0.0  # policy and reference passes are the same computation
     assert math.isfinite(stats["ppo/loss/total"])
     assert not same_weights(trainer, snap)
     assert all(p.dtype == torch.float32 for p in trainer.trainable_params)  # master weights stay fp32
     assert mlp.weight.dtype == torch.float32  # frozen weights restored after every pass
 
 
-def test_bf16_reused_generation_logprobs_within_bf16_rounding(tok):
-    """Under bf16 the sampling passes' log pi_old (KV cache, bf16 attention) and a recomputed
-    full pass (fp32 attention) differ by bf16 rounding only: small and without bias."""
-    policy = make_policy(tok, lora=True)
-    with torch.no_grad():
-        for n, p in policy.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.3)
-    trainer = make_trainer(tokenizer=tok, policy=policy, batch_size=8, bf16_autocast=True)
-    queries = make_queries(tok, 8, seed=5, min_len=1, max_len=7)
-    responses = trainer.generate(queries, return_prompt=False, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=8)
-    cached = trainer._take_generation_cache(responses)
-    assert cached is not None  # reused under bf16 too
-    batch = trainer._make_batch(queries, responses)
-    lp, v, _, _ = trainer._rollout_forward(batch, 1.0)
-    lp_c, v_c, _, _ = trainer._rollout_forward(batch, 1.0, cached)
-    diff = (lp_c - lp)[batch.mask.bool()]
-    assert 0 < diff.abs().max() < 0.05  # different roundings, same values
-    assert diff.abs().mean() < 0.01 and abs(diff.mean()) < 0.005
-    assert (v_c - v).abs().max() < 0.05
+def test_bf16_recomputes_rollout_logprobs(tok):
+    """Under bf16 the sampling passes' log-probs round differently from a full pass (which
+    moved the learning curves, see reuse_generation_logprobs): they are not reused."""
+    trainer = make_trainer(tokenizer=tok, bf16_autocast=True)
+    queries, responses = rollout(trainer)
+    assert trainer._generation_cache is None and not trainer._reuse_generation
 
 
 def test_fsdp_is_refused_with_the_alternative(tok, monkeypatch):

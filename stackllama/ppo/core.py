@@ -36,6 +36,22 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0):
+    """``(log pi(y_t), H_t)``: :func:`logprobs_from_logits` (differentiable) and
+    :func:`entropy_from_logits` (detached) sharing one ``logsumexp``, as the update needs
+    both: ``H_t = lse_t - sum_v exp(z_{t,v} - lse_t) z_{t,v}``."""
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    logprobs = torch.gather(z, -1, labels.unsqueeze(-1)).squeeze(-1) - lse
+    with torch.no_grad():
+        z, lse_d = z.detach(), lse.detach()
+        expected_z = (torch.exp(z - lse_d.unsqueeze(-1)).unsqueeze(-2) @ z.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+        entropy = lse_d - expected_z
+    return logprobs, entropy
+
+
 def log_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Full ``log pi(. | x, y_<t)`` over the vocabulary (fp32), used by the ``full`` KL."""
     logits = logits.float()

@@ -246,6 +246,7 @@ class PPOTrainer:
         return (
             cfg.reuse_generation_logprobs
             and cfg.kl_penalty != "full"
+            and not cfg.bf16_autocast
             and not self.unwrapped_model.is_quantized
             # ZeRO-3: the value head's shards would be needed mid-generation, when the ranks are
             # out of step (different response lengths); the rollout pass recomputes them instead
@@ -687,7 +688,7 @@ class PPOTrainer:
         m = batch.mask[idx, :r]
         old_lp, old_v = old_logprobs[idx, :r], old_values[idx, :r]
         adv, ret = advantages[idx, :r], returns[idx, :r]
-        logprobs = core.logprobs_from_logits(logits, labels, temperature)
+        logprobs, entropy = core.logprobs_and_entropy(logits, labels, temperature)
         vpred = vpred.float()
 
         pg_loss, pg_clipfrac, ratio = core.policy_loss(logprobs, old_lp, adv, m, cfg.cliprange)
@@ -720,7 +721,7 @@ class PPOTrainer:
             self.accelerator.backward(loss * (scale * cfg.gradient_accumulation_steps if self.is_deepspeed else scale))
 
         with torch.no_grad():
-            entropy = core.masked_mean(core.entropy_from_logits(logits.detach(), temperature), m)
+            entropy = core.masked_mean(entropy, m)
             z = 0.0 if skipped else 1.0
             return (
                 {

@@ -148,9 +148,11 @@ def test_reward_text_path_for_another_tokenizer():
 # --------------------------------------------------------------------------- the script
 
 
-def test_rl_script_end_to_end(run_dir, tmp_path):
-    from stackllama.ppo import AutoModelForCausalLMWithValueHead
+def test_rl_script_end_to_end(run_dir, tmp_path, monkeypatch):
+    from stackllama.ppo import AutoModelForCausalLMWithValueHead, sampling
 
+    sampled = []  # the recipe's settings are pure sampling: the trainer's own loop samples
+    monkeypatch.setattr(sampling, "sample", lambda *a, _f=sampling.sample, **k: sampled.append(1) or _f(*a, **k))
     script = load_script()
     out = run_dir / "ppo"
     args = parse("--config", str(REPO / "configs" / "ppo" / "tiny.yaml"), "--data_dir", str(run_dir / "data"),
@@ -173,6 +175,7 @@ def test_rl_script_end_to_end(run_dir, tmp_path):
     scores = fn.score_texts([s["query"] + s["response"] for s in samples])
     assert [s["reward"] for s in samples] == pytest.approx([x - 0.5 for x in scores], abs=1e-4)
     assert json.loads((out / "ppo_results.json").read_text())["steps"] == 3
+    assert len(sampled) == 3
 
     # checkpoint every 2 steps; the final policy reloads with its value head
     assert (out / "checkpoint-2" / "value_head.safetensors").is_file() and not (out / "checkpoint-3").exists()

@@ -35,7 +35,9 @@ class PPOConfig:
     ``mixed_precision="bf16"``); log-probs, values and losses stay fp32. Off by default:
     the recipe's numerics are fp32 (its 8-bit base computes in fp16/fp32). Implemented
     with ``torch.autocast`` (not accelerate's ``mixed_precision``, whose process-wide state
-    cannot change once set)."""
+    cannot change once set). On CPU, frozen weights are cast once and attention runs in
+    fp32 (:mod:`stackllama.ppo.mixed_precision`), and the rollout pass is recomputed rather
+    than taken from sampling (see ``reuse_generation_logprobs``)."""
     ds3_gather_for_generation: bool = True
     """Under DeepSpeed ZeRO-3, gather the whole weights on every process for each ``generate``
     call (fast; needs the unsharded model to fit on one device). False: generate on the

@@ -5,7 +5,9 @@ PPO trainer, and no maintained library offers PPO with the recipe's user-facing 
 (``generate`` -> score -> ``step``). So this project owns one, in the style of cleanRL /
 lm-human-preference-details: one file that reads in the order the algorithm runs
 
-    1. rollout      ``generate``: batched, left-padded sampling with the KV cache;
+    1. rollout      ``generate``: batched, left-padded sampling with the KV cache (the
+                    trainer's own loop for pure sampling, :mod:`.sampling`), which also
+                    yields ``log pi_old`` and ``V_old`` of every sampled token;
                     ``step``: one no-grad pass of the policy (log-probs + values from the
                     same trunk) and one of the reference (adapters disabled), chunked;
     2. rewards      ``r_t = -beta KL_t``, plus the score at the last response token;

@@ -3,7 +3,8 @@ config (ZeRO-2 or ZeRO-3), or under plain torchrun (DDP, for comparison), run PP
 LoRA policy, then save it.
 
 argv: <out dir> <gather: 1|0> <full: 1|0 (no LoRA, an explicit reference model)>; environment:
-PPO_STEPS (2), SAVE_AT (write <out>/checkpoint-<n> after step n), RESUME (a checkpoint to go on from).
+PPO_STEPS (2), SAVE_AT (write <out>/checkpoint-<n> after step n), RESUME (a checkpoint to go on from),
+FAST_SAMPLING (1: the trainer's sampling loop where it applies; 0: always transformers' generate).
 Each rank samples a different number of new tokens (rank 0: 3, rank 1: 9): under ZeRO-3 every
 forward of a sharded model is a collective, so generating on the shards without `synced_gpus`
 would hang; the trainer must gather the weights (or sync the ranks) for it to finish.
@@ -29,6 +30,7 @@ tok = make_tokenizer()
 cfg = PPOConfig(
     batch_size=4, mini_batch_size=2, gradient_accumulation_steps=2, ppo_epochs=2, learning_rate=1e-2,
     use_score_scaling=True, ds3_gather_for_generation=gather, max_grad_norm=None,
+    fast_sampling=os.environ.get("FAST_SAMPLING", "1") == "1",
 )
 trainer = PPOTrainer(cfg, make_policy(tok, lora=not full), None, tok)
 acc = trainer.accelerator

@@ -63,8 +63,8 @@ class PPOConfig:
     ``top_p=1``, a temperature, ``max_new_tokens``: the recipe's), sample with the
     trainer's own decode loop (:mod:`stackllama.ppo.sampling`) instead of transformers'
     ``generate``: the same distribution, without ``generate``'s per-token processors and a
-    vocabulary-wide ``multinomial``. Other settings, and DeepSpeed, always use ``generate``.
-    False: always ``generate``."""
+    vocabulary-wide ``multinomial``. Other settings, and ZeRO-3 sampling on the shards
+    (``ds3_gather_for_generation=False``), use ``generate``. False: always ``generate``."""
 
     # ------------------------------------------------------------------ optimizer
     learning_rate: float = 1.41e-5

@@ -11,8 +11,8 @@ It also returns, per sampled token, ``log pi(token)`` and the last hidden state,
 rollout needs no second policy pass for ``log pi_old`` / ``V_old``.
 
 Any other setting (top-k / top-p, penalties, ``min_new_tokens``, beams, streamers,
-sliding-window or recurrent caches, logit soft-capping, DeepSpeed) is left to
-``generate``: :func:`unsupported_reason` names why.
+``synced_gpus`` for ZeRO-3 on the shards, sliding-window or recurrent caches, logit
+soft-capping) is left to ``generate``: :func:`unsupported_reason` names why.
 """
 
 from __future__ import annotations

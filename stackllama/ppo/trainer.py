@@ -192,7 +192,7 @@ class PPOTrainer:
         else:
             self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.trainable_params = params
-        if self.accelerator.device.type == "cpu" and not self.is_deepspeed:
+        if self.accelerator.device.type == "cpu":
             use_cpu_dropout(self.unwrapped_model)  # the same masks, drawn at half the cost (cpu_dropout.py)
         self._bf16 = None
         if cfg.bf16_autocast:
@@ -328,7 +328,8 @@ class PPOTrainer:
                 generation_kwargs.setdefault("synced_gpus", True)
             unwrapped = unwrap_model_for_generation(self.model, self.accelerator, gather_deepspeed3_params=gather)
         own_loop = self._sampling_loop_allowed(model, generation_kwargs, length_sampler is not None)
-        eos_ids = flatten_stop_ids(effective_generation_param("eos_token_id", generation_kwargs, gen_config))
+        # as generate: an explicit eos_token_id=None in the call means no EOS stop
+        eos_ids = flatten_stop_ids(generation_kwargs["eos_token_id"] if "eos_token_id" in generation_kwargs else gen_config.eos_token_id)
         with unwrapped as model, eval_mode(model, enabled=self.config.rollout_in_eval_mode):
             lm_head = model.causal_lm.get_output_embeddings()
             for start in range(0, len(queries), batch_size):
@@ -368,9 +369,10 @@ class PPOTrainer:
         return outputs[0] if single else outputs
 
     def _sampling_loop_allowed(self, model, generation_kwargs: dict, sampled_length: bool) -> bool:
-        """Whether ``generate`` samples with :mod:`.sampling`'s loop (pure sampling, no
-        DeepSpeed) rather than transformers' ``generate``; a fallback is logged once."""
-        if not self.config.fast_sampling or self.is_deepspeed:
+        """Whether ``generate`` samples with :mod:`.sampling`'s loop (pure sampling; not
+        ZeRO-3 on the shards, which needs ``synced_gpus``) rather than transformers'
+        ``generate``; a fallback is logged once."""
+        if not self.config.fast_sampling:
             return False
         kwargs = dict(generation_kwargs, max_new_tokens=1) if sampled_length else generation_kwargs
         reason = sampling.unsupported_reason(model.causal_lm, kwargs)

@@ -331,7 +331,6 @@ class PPOTrainer:
         # as generate: an explicit eos_token_id=None in the call means no EOS stop
         eos_ids = flatten_stop_ids(generation_kwargs["eos_token_id"] if "eos_token_id" in generation_kwargs else gen_config.eos_token_id)
         with unwrapped as model, eval_mode(model, enabled=self.config.rollout_in_eval_mode):
-            lm_head = model.causal_lm.get_output_embeddings()
             for start in range(0, len(queries), batch_size):
                 chunk = [q.to(device) for q in queries[start : start + batch_size]]
                 kwargs = dict(generation_kwargs)
@@ -346,20 +345,7 @@ class PPOTrainer:
                             cache_dtype=self._bf16.kv_cache_dtype if self._bf16 is not None else None,
                         )
                 else:
-                    seen = []  # per forward of generate: (last hidden state, last logits)
-                    handle = lm_head.register_forward_hook(lambda m, i, o: seen.append((i[0][:, -1], o[:, -1]))) if capture else None
-                    try:
-                        with self._autocast():
-                            generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-                    finally:
-                        if handle is not None:
-                            handle.remove()
-                    new_tokens = generated[:, input_ids.shape[1] :]
-                    logprobs = hidden = None
-                    if capture and len(seen) == new_tokens.shape[1]:  # forward k of generate gave the logits of token k
-                        hidden = torch.stack([h for h, _ in seen], dim=1)
-                        logits = torch.stack([o for _, o in seen], dim=1)
-                        logprobs = core.logprobs_from_logits(logits, new_tokens, self._logprob_temperature())
+                    new_tokens, logprobs, hidden = self._transformers_generate(model, input_ids, attention_mask, capture, kwargs)
                 responses = self._truncate(new_tokens)
                 if capture:
                     cache.extend(self._generation_rows(model, logprobs, hidden, responses))
@@ -367,6 +353,26 @@ class PPOTrainer:
                     outputs.append(torch.cat([q, r]) if return_prompt else r)
         self._generation_cache = cache
         return outputs[0] if single else outputs
+
+    def _transformers_generate(self, model, input_ids, attention_mask, capture: bool, kwargs: dict):
+        """``(new tokens, log pi_old, last hidden states)`` from transformers' ``generate``;
+        the last two read off its own forwards (forward ``k`` gives the logits of new token
+        ``k``) when ``capture``, else None."""
+        seen = []  # per forward: (last hidden state, last logits)
+        lm_head = model.causal_lm.get_output_embeddings()
+        handle = lm_head.register_forward_hook(lambda m, i, o: seen.append((i[0][:, -1], o[:, -1]))) if capture else None
+        try:
+            with self._autocast():
+                generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        finally:
+            if handle is not None:
+                handle.remove()
+        new_tokens = generated[:, input_ids.shape[1] :]
+        if not capture or len(seen) != new_tokens.shape[1]:  # unexpected generate internals: recomputed later
+            return new_tokens, None, None
+        hidden = torch.stack([h for h, _ in seen], dim=1)
+        logits = torch.stack([o for _, o in seen], dim=1)
+        return new_tokens, core.logprobs_from_logits(logits, new_tokens, self._logprob_temperature()), hidden
 
     def _sampling_loop_allowed(self, model, generation_kwargs: dict, sampled_length: bool) -> bool:
         """Whether ``generate`` samples with :mod:`.sampling`'s loop (pure sampling; not

@@ -37,6 +37,7 @@ def test_draw_follows_the_probabilities_and_never_draws_zero_probability():
         ({k: v for k, v in PURE.items() if k != "top_k"}, "top_k=50"),  # transformers' default
         (dict(PURE, top_p=0.9), "top_p=0.9"),
         (dict(PURE, do_sample=False), "do_sample is off"),
+        (dict(PURE, temperature=0.0), "temperature=0.0"),
         (dict(PURE, min_new_tokens=2), "min_new_tokens"),
         (dict(PURE, repetition_penalty=1.2), "repetition_penalty"),
         (dict(PURE, num_beams=2), "num_beams"),

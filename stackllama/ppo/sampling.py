@@ -58,6 +58,8 @@ def unsupported_reason(causal_lm, generation_kwargs: dict) -> Optional[str]:
         return f"top_k={effective('top_k', 0)}"
     if effective("top_p", 1.0) != 1.0:
         return f"top_p={effective('top_p', 1.0)}"
+    if not effective("temperature", 1.0) > 0:  # generate says what is wrong with it
+        return f"temperature={effective('temperature', 1.0)}"
     if config.max_new_tokens is None:
         return "no max_new_tokens"
     if config.output_attentions or config.output_hidden_states or config.return_dict_in_generate:

@@ -8,6 +8,7 @@ and exit status 2 instead of a traceback.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 
@@ -18,6 +19,7 @@ def parse_args(dataclass_types: Sequence[type], args: Sequence[str] | None = Non
     from trl import TrlParser
 
     parser = TrlParser(list(dataclass_types), description=description, formatter_class=_HelpFormatter)
+    _help_from_docstrings(parser, dataclass_types)
     _cpu_defaults_without_gpu(parser)
     try:
         return parser.parse_args_and_config(args=args)
@@ -30,6 +32,39 @@ def parse_args(dataclass_types: Sequence[type], args: Sequence[str] | None = Non
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults shown after each flag's help (as HfArgumentParser does); the script's docstring,
     with its example commands, printed as written."""
+
+
+def field_docstrings(cls: type) -> dict[str, str]:
+    """``{field: docstring}`` for dataclass fields documented the way this project does it, with
+    a string literal right below the field (as ``PPOConfig``), over ``cls`` and its bases."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for stmt, nxt in zip(body, body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _help_from_docstrings(parser, dataclass_types: Sequence[type]) -> None:
+    """Flags without a ``help`` (fields documented by a docstring instead of
+    ``metadata["help"]``) get their field's docstring in ``--help``."""
+    docs: dict[str, str] = {}
+    for cls in dataclass_types:
+        docs.update(field_docstrings(cls))
+    for action in parser._actions:
+        if not action.help and action.dest in docs and not any(o.startswith("--no") for o in action.option_strings):
+            text = re.sub(r":\w+:`", "`", docs[action.dest]).replace("``", "`")  # Sphinx roles -> plain
+            action.help = text.replace("%", "%%")
 
 
 def _cpu_defaults_without_gpu(parser) -> None:

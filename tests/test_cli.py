@@ -52,3 +52,34 @@ def test_trainer_configs_default_to_fp32_without_gpu(tmp_path):
     assert args.use_cpu is (not torch.cuda.is_available())
     (args,) = parse_args([RewardConfig], ["--output_dir", str(tmp_path), "--use_cpu", "false"])
     assert args.use_cpu is False  # a flag still wins
+
+
+def test_fields_documented_by_docstrings_get_them_in_help(capsys):
+    import dataclasses
+
+    from stackllama.cli import field_docstrings
+    from stackllama.ppo import PPOConfig
+
+    @dataclasses.dataclass
+    class Base:
+        alpha: int = 1
+        """The alpha, in ``units`` (50% of it)."""
+
+    @dataclasses.dataclass
+    class Child(Base):
+        beta: bool = False
+        """Whether to :mod:`beta`.
+
+        Second paragraph."""
+        delta: float = dataclasses.field(default=0.0, metadata={"help": "from metadata"})
+        """A docstring that metadata wins over."""
+
+    assert field_docstrings(Child) == {"alpha": "The alpha, in ``units`` (50% of it).",
+                                       "beta": "Whether to :mod:`beta`. Second paragraph.",
+                                       "delta": "A docstring that metadata wins over."}
+    with pytest.raises(SystemExit):
+        parse_args((Child, PPOConfig), ["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "The alpha, in `units` (50% of it)." in out and "Whether to `beta`. Second paragraph." in out
+    assert "from metadata" in out and "metadata wins over" not in out
+    assert "sample with the trainer's own decode loop" in out  # PPOConfig.fast_sampling

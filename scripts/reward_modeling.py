@@ -148,6 +148,7 @@ def main(script_args: RewardScriptArguments, training_args: RewardConfig, model_
         write_model_card(training_args.output_dir, base_model, script_args.data_dir, results)
         path = write_results(training_args.output_dir, RESULTS_FILE, results)
         logger.info("reward modeling done in %.0f s; results in %s", results["wall_time_s"], path)
+    trainer.accelerator.wait_for_everyone()  # the ranks end together, after rank 0's writes
     trainer.accelerator.end_training()
     return results
 

@@ -170,6 +170,7 @@ def main(script_args: RLScriptArguments, config: PPOConfig, model_args: ModelCon
         logger.info("PPO done: mean reward %.3f (first %d steps) -> %.3f (last %d), KL %.3f, %.2f s/step; results in %s",
                     results["reward_first"], window, results["reward_last"], window, results["kl_last"],
                     results["seconds_per_step"], path)
+    ppo_trainer.accelerator.wait_for_everyone()  # the ranks end together, after rank 0's writes
     ppo_trainer.accelerator.end_training()
     return results
 

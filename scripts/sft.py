@@ -140,6 +140,7 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     if trainer.is_world_process_zero():
         path = write_results(training_args.output_dir, RESULTS_FILE, results)
         logger.info("SFT done in %.0f s; results in %s", results["wall_time_s"], path)
+    trainer.accelerator.wait_for_everyone()  # the ranks end together, after rank 0's writes
     trainer.accelerator.end_training()
     return results
 

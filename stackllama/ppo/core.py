@@ -22,6 +22,12 @@ import torch.nn.functional as F
 # ---------------------------------------------------------------------------------------
 
 
+def tempered(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``z / tau`` in fp32: the logits every log-prob below is taken from."""
+    logits = logits.float()
+    return logits / temperature if temperature != 1.0 else logits
+
+
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """``log pi(y_t | x, y_<t) = z_{t,y_t} / tau - logsumexp_v(z_{t,v} / tau)``.
 
@@ -29,9 +35,7 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature
     (TRL 0.11 always used ``tau = 1``, which is wrong whenever sampling used another
     temperature). Gather minus logsumexp avoids materialising the full log-softmax.
     """
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
+    logits = tempered(logits, temperature)
     picked = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 
@@ -40,9 +44,7 @@ def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, temperature
     """``(log pi(y_t), H_t)``: :func:`logprobs_from_logits` (differentiable) and
     :func:`entropy_from_logits` (detached) sharing one ``logsumexp``, as the update needs
     both: ``H_t = lse_t - sum_v exp(z_{t,v} - lse_t) z_{t,v}``."""
-    z = logits.float()
-    if temperature != 1.0:
-        z = z / temperature
+    z = tempered(logits, temperature)
     lse = torch.logsumexp(z, dim=-1)
     logprobs = torch.gather(z, -1, labels.unsqueeze(-1)).squeeze(-1) - lse
     with torch.no_grad():
@@ -54,17 +56,13 @@ def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, temperature
 
 def log_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Full ``log pi(. | x, y_<t)`` over the vocabulary (fp32), used by the ``full`` KL."""
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
+    logits = tempered(logits, temperature)
     return F.log_softmax(logits, dim=-1)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """``H_t = logsumexp(z_t) - sum_v softmax(z_t)_v z_{t,v}`` per position (B, T)."""
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
+    logits = tempered(logits, temperature)
     pd = torch.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (pd * logits).sum(-1)
 

@@ -11,7 +11,7 @@ barely faster than fp32 there (``benchmarks/ppo_step.py --bf16``), and are chang
   Memory: a bf16 copy of those weights (half their fp32 size); load the base in bf16 to
   need neither. Re-made when the weight is modified in place.
 - **Attention runs in fp32.** PyTorch's CPU attention in bf16 is slower than in fp32:
-  2x in the flash-attention backward, about 4x for one-token decoding steps with a mask.
+  2x in the flash-attention backward, 4-6x for one-token decoding steps with a mask.
   Query/key/value are cast to fp32 for ``scaled_dot_product_attention`` and the output
   back to bf16 (more precise than bf16 attention, and faster here); sampling keeps its KV
   cache in fp32 (``kv_cache_dtype``) so that no step casts the whole cache. Only for

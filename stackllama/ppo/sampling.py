@@ -5,8 +5,9 @@ temperature: the recipe's settings) ``generate`` adds logits processors, stoppin
 and a ``multinomial`` draw over the whole vocabulary at every token; on the benchmark's
 tiny workload that is about a fifth of the generation time (``benchmarks/ppo_step.py``).
 This loop does only that sampling: one forward of the decoder per new token with a KV
-cache allocated once for prompt + ``max_new_tokens``, the LM head on the last position only, the next token drawn by inverse CDF from
-``softmax(logits / T)``, rows that emitted EOS padded, the loop ended when all rows have.
+cache allocated once for prompt + ``max_new_tokens``, the LM head on the last position
+only, the next token drawn by inverse CDF from ``softmax(logits / T)``, rows that emitted
+EOS padded, the loop ended when all rows have.
 It also returns, per sampled token, ``log pi(token)`` and the last hidden state, so the
 rollout needs no second policy pass for ``log pi_old`` / ``V_old``.
 
@@ -24,6 +25,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from . import core
+from .guards import effective_generation_param
 
 # Generation-config fields this loop implements; any other non-default field goes to generate.
 _HANDLED = {
@@ -36,8 +38,6 @@ _HANDLED = {
 def unsupported_reason(causal_lm, generation_kwargs: dict) -> Optional[str]:
     """None when :func:`sample` draws exactly what ``generate(**generation_kwargs)`` would
     (pure sampling), else why not."""
-    from transformers import GenerationConfig
-
     config = causal_lm.generation_config.__class__.from_dict(causal_lm.generation_config.to_dict())
     unused = config.update(**generation_kwargs)
     if unused:
@@ -45,12 +45,9 @@ def unsupported_reason(causal_lm, generation_kwargs: dict) -> Optional[str]:
     extra = set(config.to_diff_dict()) - _HANDLED
     if extra:
         return f"generation settings {sorted(extra)}"
-    defaults = GenerationConfig._get_default_generation_params() if hasattr(GenerationConfig, "_get_default_generation_params") else {}
 
-    def effective(name, fallback):
-        value = getattr(config, name, None)
-        value = defaults.get(name) if value is None else value
-        return fallback if value is None else value
+    def effective(name, fallback):  # the merged config's value, else transformers' default
+        return effective_generation_param(name, {}, config, fallback)
 
     if not effective("do_sample", False):
         return "do_sample is off"
@@ -160,13 +157,13 @@ def sample(
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, logprobs, hiddens = [], [], []
     for t in range(max_new_tokens):
-        logits = lm_head(hidden).float()
-        log_p = torch.log_softmax(logits / temperature, dim=-1)
+        logits = lm_head(hidden)
+        log_p = core.log_softmax(logits, temperature)
         token = draw(log_p.exp())
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
         if capture:
-            lp_all = log_p if logprob_temperature == temperature else torch.log_softmax(logits / logprob_temperature, -1)
+            lp_all = log_p if logprob_temperature == temperature else core.log_softmax(logits, logprob_temperature)
             logprobs.append(lp_all.gather(-1, token[:, None])[:, 0])
             hiddens.append(hidden)
         finished |= torch.isin(token, eos)

@@ -38,6 +38,7 @@ from stackllama.modeling import (
     load_model,
     load_tokenizer,
     lora_config,
+    place_for_evaluation,
     save_full_weights,
 )
 from stackllama.reward import (
@@ -80,6 +81,7 @@ def main(script_args: RewardScriptArguments, training_args: RewardConfig, model_
                            trust_remote_code=training_args.trust_remote_code,
                            gradient_checkpointing=training_args.activation_checkpointing,
                            gradient_checkpointing_kwargs=training_args.activation_checkpointing_kwargs)
+    model = place_for_evaluation(model, training_args)  # the GPU for the evaluation before training
     results["base_model"] = base_model
 
     # Data: pairs tokenized as `Question: q\n\nAnswer: a<eos>`, the over-long ones dropped and counted

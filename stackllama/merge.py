@@ -30,7 +30,15 @@ from pathlib import Path
 from typing import Literal
 
 from .data.template import format_example
-from .modeling import BITSANDBYTES_HINT, MissingDependencyError, _load_error, kbit_device_map, load_tokenizer, torch_dtype
+from .modeling import (
+    BITSANDBYTES_HINT,
+    MissingDependencyError,
+    _load_error,
+    guard_cpu_4bit_packing,
+    kbit_device_map,
+    load_tokenizer,
+    torch_dtype,
+)
 from .ppo.value_head import VALUE_HEAD_CONFIG, VALUE_HEAD_FILE
 from .stage import replace_dir, write_results
 
@@ -309,6 +317,7 @@ def load_base(base: str, task: str, dtype: str, num_labels: int | None = None, t
         raise _load_error(base, error) from error
     if quant is None:
         return model, False
+    guard_cpu_4bit_packing(model)  # the merge check runs the model in eval mode
     logger.warning(
         "%s is a saved 8/4-bit checkpoint: dequantising it to %s for the merge (what the adapter was trained "
         "against); pass the original un-quantised base with --base_model_name to merge into that instead", base, dtype,

@@ -239,6 +239,8 @@ def load_model(
     except (OSError, ValueError) as error:
         raise _load_error(name, error) from error
 
+    if quant is not None:
+        guard_cpu_4bit_packing(model)
     if tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
         if getattr(model, "generation_config", None) is not None:
@@ -254,6 +256,50 @@ def load_model(
             gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
         )
     return model
+
+
+def guard_cpu_4bit_packing(model) -> int:
+    """Keeps bitsandbytes' generic 4-bit kernel for layers its AVX512-BF16 CPU kernel cannot take.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.48+) repacks a 4-bit weight for its fast kernel
+    at the first eval-mode, no-grad call (an evaluation, a PPO rollout, a merge check) and
+    needs the layer's output size to be a multiple of 32 and its input size a multiple of the
+    quantization block (64). The tiny default model's MLP (688 wide) is neither, so
+    `--load_in_4bit` stopped there ("N must be divisible by block_n", then a reshape error).
+    Those layers are marked unsupported (the flag bitsandbytes itself sets from the CPU), so
+    they keep the kernel used in training. Returns how many layers were marked.
+    """
+    marked = 0
+    for module in model.modules():
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
+        block = getattr(quant_state, "blocksize", None) or 64
+        if module.out_features % 32 or module.in_features % block:
+            module.support_avx512bf16_for_cpu = False
+            marked += 1
+    return marked
+
+
+def place_for_evaluation(model, training_args):
+    """`model` on the process's device, for an evaluation that runs before transformers' Trainer exists.
+
+    The Trainer moves the model to the GPU only when it is built. The reward stage scores the
+    held-out pairs first (the untrained figures, `--eval_only`), so without this a 7B model on a
+    GPU machine was scored on the CPU: minutes instead of seconds (seen on an H100).
+    Left where they are: models placed at load time (`device_map`, so 8-bit / 4-bit bases) and
+    models that DeepSpeed or FSDP place themselves, as the Trainer would leave them.
+    """
+    import os
+
+    if getattr(model, "hf_device_map", None) is not None or getattr(model, "is_quantized", False):
+        return model
+    sharded = training_args.deepspeed or training_args.fsdp or any(
+        os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() in ("1", "true") for name in ("DEEPSPEED", "FSDP")
+    )
+    if sharded or training_args.place_model_on_device is False:
+        return model
+    return model.to(training_args.device)
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -184,8 +184,32 @@ def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=N
     class StackRewardTrainer(AtomicCheckpointMixin, RewardTrainer):
         stage = "reward"
 
-    return StackRewardTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                              processing_class=tokenizer, peft_config=peft_config)
+    trainer = StackRewardTrainer(model=model, args=training_args, train_dataset=train_dataset,
+                                 eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config)
+    restore_score_head_dtype(trainer.model, training_args)
+    return trainer
+
+
+def restore_score_head_dtype(model, training_args) -> int:
+    """Casts a score head that TRL moved to bf16 back to the dtype of the hidden states it reads.
+
+    On an 8/4-bit base, TRL's trainers cast every trainable parameter to bf16 (QLoRA's advice for
+    LoRA weights). LoRA layers cast their input themselves; the score head, trained in full as a
+    plain `nn.Linear`, does not, so without bf16 autocast (`--bf16 false`, the CPU default) the
+    first step failed with "expected m1 and m2 to have the same dtype". Returns how many were cast.
+    """
+    if training_args.bf16 or training_args.fp16:
+        return 0  # autocast casts the head's input
+    # the final norm's weight has the dtype of the hidden states (fp32 after prepare_model_for_kbit_training)
+    hidden_dtype = next((p.dtype for n, p in model.named_parameters() if n.endswith("norm.weight")), None)
+    if hidden_dtype is None:
+        return 0
+    cast = 0
+    for name, param in model.named_parameters():
+        if param.requires_grad and "lora_" not in name and param.dtype != hidden_dtype and param.is_floating_point():
+            param.data = param.data.to(hidden_dtype)
+            cast += 1
+    return cast
 
 
 # --------------------------------------------------------------------------- models

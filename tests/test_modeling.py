@@ -85,6 +85,50 @@ def test_kbit_model_is_quantized_and_frozen(base, bits):
     assert type(layer).__name__ == ("Linear8bitLt" if bits == 8 else "Linear4bit")
 
 
+def test_4bit_layers_the_cpu_kernel_cannot_pack_still_run_in_eval(tmp_path):
+    """The tiny default model's MLP is 688 wide: bitsandbytes' AVX512-BF16 CPU kernel repacks
+    4-bit weights at the first eval-mode no-grad call and asserts on that shape. Loaded through
+    `load_model`, such layers are marked to keep the generic kernel, and evaluation runs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = dict(SMALL_CONFIG, intermediate_size=688)  # the tiny default's width (configs/tiny_model)
+    config.pop("architectures")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(tmp_path / "m")
+    model = load_model(ModelConfig(model_name_or_path=str(tmp_path / "m"), use_peft=True, load_in_4bit=True)).eval()
+    mlp = model.model.layers[0].mlp
+    if model.model.layers[0].self_attn.q_proj.support_avx512bf16_for_cpu:  # this CPU has the packed kernel,
+        # and the 64x64 attention layers keep it: only the MLP layers are marked
+        assert not mlp.gate_proj.support_avx512bf16_for_cpu and not mlp.up_proj.support_avx512bf16_for_cpu
+        assert not mlp.down_proj.support_avx512bf16_for_cpu  # in_features 688: not a multiple of the block
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 5, 7, 9]])).logits
+    assert logits.shape == (1, 4, SMALL_CONFIG["vocab_size"]) and torch.isfinite(logits).all()
+
+
+def test_place_for_evaluation_moves_only_what_the_trainer_would(monkeypatch):
+    """Before the Trainer exists (the reward stage's untrained evaluation), the model goes to the
+    process's device, unless it was placed at load time or DeepSpeed / FSDP will place it."""
+    from types import SimpleNamespace
+
+    from stackllama.modeling import place_for_evaluation
+
+    def args(**kw):
+        return SimpleNamespace(**{"deepspeed": None, "fsdp": [], "place_model_on_device": None,
+                                  "device": torch.device("meta"), **kw})
+
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert place_for_evaluation(torch.nn.Linear(2, 2), args()).weight.device.type == "meta"
+    assert place_for_evaluation(torch.nn.Linear(2, 2), args(deepspeed="ds.json")).weight.device.type == "cpu"
+    assert place_for_evaluation(torch.nn.Linear(2, 2), args(fsdp=["full_shard"])).weight.device.type == "cpu"
+    placed = torch.nn.Linear(2, 2)
+    placed.hf_device_map = {"": "cpu"}
+    assert place_for_evaluation(placed, args()).weight.device.type == "cpu"
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert place_for_evaluation(torch.nn.Linear(2, 2), args()).weight.device.type == "cpu"
+
+
 def test_missing_model_and_bad_path_errors(tmp_path):
     with pytest.raises(ValueError, match="--model_name_or_path"):
         load_model(ModelConfig())

@@ -196,6 +196,26 @@ def test_script_trains_then_evaluates_alone(small, tmp_path):
     assert f"accuracy {results['eval_after']['accuracy']:.3f}" in alone.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [8, 4])
+def test_script_trains_on_a_quantized_base_without_bf16(small, tmp_path, bits):
+    """LoRA on an 8/4-bit base in fp32 (the CPU default): TRL casts the trainable parameters to
+    bf16 on a quantized base, and the fully trained score head must be cast back, or the first
+    step fails on mixed dtypes."""
+    out = tmp_path / "reward"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "reward_modeling.py"), "--data_dir", str(small.data),
+         "--output_dir", str(out), "--model_name_or_path", str(small.base), "--report_to", "none",
+         "--use_peft", "true", f"--load_in_{bits}bit", "true", "--bf16", "false", "--max_steps", "2",
+         "--per_device_train_batch_size", "4", "--max_length", "256", "--save_strategy", "no",
+         "--use_cpu", "true", "--merge", "false", "--dataloader_pin_memory", "false"],
+        capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "reward_results.json").read_text())
+    assert results["global_step"] == 2 and math.isfinite(results["train_loss"])
+    assert (out / "adapter_config.json").is_file()
+
+
 def test_missing_sft_model_is_a_clear_error(tmp_path):
     out = tmp_path / "run" / "reward"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "reward_modeling.py"), "--data_dir",

@@ -195,7 +195,12 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
             if quantization_config is not None:
                 kwargs["quantization_config"] = quantization_config
                 kwargs.setdefault("device_map", {"": _default_device()})
-            return AutoModelForCausalLM.from_pretrained(name_or_model, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(name_or_model, **kwargs)
+            if quantization_config is not None:
+                from ..modeling import guard_cpu_4bit_packing
+
+                guard_cpu_4bit_packing(model)  # bitsandbytes' CPU 4-bit kernel asserts on some shapes
+            return model
 
         directory = path_or_model if isinstance(path_or_model, str) else None
         if directory is not None and os.path.isfile(os.path.join(directory, "adapter_config.json")):

@@ -113,3 +113,57 @@ def test_full_model_save_load_keeps_value_head(tok, tmp_path):
     for a, b in zip(policy(input_ids=ids), loaded(input_ids=ids)):
         torch.testing.assert_close(a, b)
     assert not loaded.is_peft_model
+
+
+def scaled_logits_model(tok, kind: str):
+    """A tiny Cohere (logits x logit_scale) or Gemma-2 (logits soft-capped) model: their
+    logits are more than the LM head's output. Scales chosen so the difference is large."""
+    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    if kind == "cohere":
+        return CohereForCausalLM(CohereConfig(**common, logit_scale=0.0625))
+    return Gemma2ForCausalLM(Gemma2Config(**common, final_logit_softcapping=0.5))
+
+
+@pytest.mark.parametrize("kind", ["cohere", "gemma2"])
+def test_models_that_scale_their_logits_get_the_models_own_logits(tok, kind):
+    """The value-head forward gives the logits the model's own forward gives, scaling or
+    soft-capping included (the LM head alone differs by up to 0.9 here), and the values of
+    the same hidden states."""
+    from stackllama.ppo.value_head import logits_transform
+
+    model = scaled_logits_model(tok, kind).eval()
+    policy = AutoModelForCausalLMWithValueHead(model).eval()
+    assert logits_transform(model.config) == {"cohere": "logit_scale", "gemma2": "final_logit_softcapping"}[kind]
+    ids = torch.randint(4, 30, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, 5:9]
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state[:, 5:9]
+        logits, values = policy(ids, mask, pos, logits_start=5, logits_len=4)
+    assert (model.get_output_embeddings()(hidden) - expected).abs().max() > 0.05  # the LM head alone is not it
+    torch.testing.assert_close(logits, expected)
+    torch.testing.assert_close(values, policy.v_head(hidden))
+
+
+def test_scaled_logits_model_with_a_frozen_reference_starts_at_zero_kl(tok):
+    """Policy == reference at the first step, so the KL is 0; with the LM head's unscaled
+    logits for the policy and the model's scaled ones for the reference it was not."""
+    import copy
+
+    from ppo_tiny import make_trainer, rollout
+
+    model = scaled_logits_model(tok, "cohere")
+    ref = copy.deepcopy(model)
+    trainer = make_trainer(tokenizer=tok, policy=AutoModelForCausalLMWithValueHead(model, value_head_dropout=0.0),
+                           ref_model=ref, ppo_epochs=1)
+    assert not trainer._reuse_generation  # generate's captured LM-head output lacks the scaling
+    queries, responses = rollout(trainer)
+    stats = trainer.step(queries, responses, [torch.tensor(1.0)] * 4)
+    assert abs(stats["objective/kl"]) < 1e-5

@@ -26,6 +26,7 @@ from transformers.cache_utils import DynamicLayer
 
 from . import core
 from .guards import effective_generation_param
+from .value_head import logits_transform
 
 # Generation-config fields this loop implements; any other non-default field goes to generate.
 _HANDLED = {
@@ -64,9 +65,9 @@ def unsupported_reason(causal_lm, generation_kwargs: dict) -> Optional[str]:
     if not (getattr(config, "use_cache", True) in (True, None)):
         return "use_cache=False"
     model_config = causal_lm.config
-    for name in ("final_logit_softcapping", "logit_scale"):
-        if getattr(model_config, name, None) not in (None, 1.0):
-            return f"the model's {name} (applied outside the LM head)"
+    transform = logits_transform(model_config)
+    if transform is not None:
+        return f"the model's {transform} (applied outside the LM head)"
     if getattr(model_config, "is_encoder_decoder", False):
         return "an encoder-decoder model"
     try:

@@ -63,7 +63,7 @@ from .guards import (
 from .kl_controllers import AdaptiveKLController, FixedKLController
 from .mixed_precision import Bf16Autocast
 from .optim import AdamTFStyle
-from .value_head import AutoModelForCausalLMWithValueHead, eval_mode
+from .value_head import AutoModelForCausalLMWithValueHead, eval_mode, logits_transform
 
 logger = logging.getLogger(__name__)
 
@@ -250,6 +250,8 @@ class PPOTrainer:
             and cfg.kl_penalty != "full"
             and not cfg.bf16_autocast
             and not self.unwrapped_model.is_quantized
+            # the generate path reads the LM head's output, before a soft-capping / scaling
+            and logits_transform(self.unwrapped_model.config) is None
             # ZeRO-3: the value head's shards would be needed mid-generation, when the ranks are
             # out of step (different response lengths); the rollout pass recomputes them instead
             and not self.is_zero3

@@ -2,7 +2,10 @@
 
 One forward pass of the decoder gives the hidden states ``h``; the LM head turns ``h`` into
 logits and the value head ``V(h) = w^T dropout(h) + b`` into values, *only at the positions
-the caller asks for* (the response), so no logits are computed for the prompt.
+the caller asks for* (the response), so no logits are computed for the prompt. Models whose
+logits are more than ``lm_head(h)`` (Gemma-2 soft-capping, Cohere's ``logit_scale``, ...:
+:func:`logits_transform`) run their own forward instead, so that the policy's logits match
+what the model, the reference and the reward pipeline compute.
 
 With a LoRA (PEFT) model, the reference policy is the same module with its adapters
 disabled (``with model.disable_adapter(): ...``): no second copy of the weights. The value
@@ -22,6 +25,34 @@ from torch import nn
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_HEAD_CONFIG = "value_head_config.json"
+
+# Config fields of transformers models whose logits are more than ``lm_head(last hidden state)``:
+# Gemma-2/3 soft-capping, Cohere's logit_scale, Granite's logits_scaling, MuseSpark's multiplier,
+# a padded vocabulary cut back. Their identity values mean "not applied".
+_LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": None,
+    "logit_scale": 1.0,
+    "logits_scaling": 1.0,
+    "output_multiplier": 1.0,
+    "unpadded_vocab_size": None,
+}
+
+
+def logits_transform(config) -> str | None:
+    """The config field by which this model's logits differ from ``lm_head(hidden)``, or None.
+
+    For such models the value-head forward runs the model's own forward (which applies it)
+    instead of the LM head alone, and the trainer does not reuse log-probs from sampling.
+    """
+    configs = [config]
+    if hasattr(config, "get_text_config"):
+        configs.append(config.get_text_config())
+    for c in configs:
+        for name, identity in _LOGIT_TRANSFORMS.items():
+            value = getattr(c, name, None)
+            if value is not None and value != identity:
+                return name
+    return None
 
 
 class ValueHead(nn.Module):
@@ -131,13 +162,27 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         lm = self.causal_lm
         decoder = lm.get_decoder()
-        hidden = decoder(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-        end = hidden.shape[1] if logits_len is None else logits_start + logits_len
-        # contiguous: the LM head is then one (n*len, H) x (H, V) matmul, not a slower batched one
-        hidden = hidden[:, logits_start:end].contiguous()
-        logits = lm.get_output_embeddings()(hidden)
+        end = input_ids.shape[1] if logits_len is None else logits_start + logits_len
+        if logits_transform(lm.config) is not None:
+            # the model's own forward applies its soft-capping / scaling; the decoder's output
+            # (the hidden states the LM head read) is caught on the way for the value head
+            caught = []
+            handle = decoder.register_forward_hook(lambda module, args, output: caught.append(output[0]))
+            try:
+                logits = lm(
+                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                    logits_to_keep=input_ids.shape[1] - logits_start,
+                ).logits[:, : end - logits_start]
+            finally:
+                handle.remove()
+            hidden = caught[0][:, logits_start:end]
+        else:
+            hidden = decoder(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
+            # contiguous: the LM head is then one (n*len, H) x (H, V) matmul, not a slower batched one
+            hidden = hidden[:, logits_start:end].contiguous()
+            logits = lm.get_output_embeddings()(hidden)
         values = self.v_head(hidden) if return_values else None
         return logits, values
 

@@ -65,6 +65,9 @@ def main(script_args: RewardScriptArguments, training_args: RewardConfig, model_
     results = {"data_dir": script_args.data_dir, "max_length": training_args.max_length,
                "use_peft": model_args.use_peft}
     set_seed(training_args.seed)  # the new score head's initialisation is part of the run
+    if model_args.use_peft and model_args.lora_dropout and training_args.disable_dropout and not script_args.eval_only:
+        logger.warning("--lora_dropout %s has no effect: TRL's --disable_dropout (default true) switches every "
+                       "dropout off; pass --disable_dropout false to train with it", model_args.lora_dropout)
 
     # Model and tokenizer: the SFT model with a fresh score head, or a saved reward model (--eval_only)
     if script_args.eval_only:

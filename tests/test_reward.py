@@ -262,5 +262,6 @@ def test_shipped_configs_parse(name):
         assert (train.per_device_train_batch_size, train.learning_rate, train.num_train_epochs) == (4, 2e-5, 1)
         assert (script.max_train_pairs, script.max_eval_pairs, train.max_length) == (100_000, 50_000, 512)
         assert (model.use_peft, model.lora_r, model.lora_alpha, model.lora_dropout) == (True, 8, 32, 0.1)
+        assert train.disable_dropout is False  # else TRL turns the LoRA dropout off
     else:
         assert model.use_peft is False and train.max_length == 512

@@ -32,7 +32,12 @@ class CPUDropout(nn.Dropout):
         if not self.training or self.p == 0.0 or self.p == 1.0 or x.device.type != "cpu":
             return super().forward(x)
         drop = drop_mask(x.shape, self.p, x.device)
-        return (x * (1.0 / (1.0 - self.p))).masked_fill_(drop, 0.0)
+        scale = 1.0 / (1.0 - self.p)
+        if x.dtype == torch.float32:
+            # x times a {0, 1/(1-p)} tensor: the same values as scaling then masked_fill, and the
+            # backward is one multiplication (masked_fill's made fwd+bwd 1.5x slower on (4, 96, 256))
+            return x * (~drop).to(x.dtype).mul_(scale)
+        return (x * scale).masked_fill_(drop, 0.0)  # the scale rounded once, in the op, as nn.Dropout
 
 
 def use_cpu_dropout(model: nn.Module) -> int:

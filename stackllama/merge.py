@@ -152,7 +152,8 @@ def merge_adapter(
     tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=trust_remote_code, task=task)
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.merging-", dir=output_dir.parent))
+    remove_abandoned_merges(output_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(output_dir)}{os.getpid()}-", dir=output_dir.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the output private
@@ -270,6 +271,43 @@ def _stage(adapter_dir: Path, task: str, has_head: bool) -> str:
         if (adapter_dir / filename).is_file():
             return stage
     return "ppo" if has_head else "reward" if task == "seq_cls" else "sft"
+
+
+def _staging_prefix(output_dir: Path) -> str:
+    """Name start of the folder a merge writes into before renaming it to ``output_dir``;
+    the host and process id follow, so a later merge can tell an abandoned one."""
+    import socket
+
+    return f".{output_dir.name}.merging-{socket.gethostname()}-"
+
+
+def remove_abandoned_merges(output_dir: Path) -> list[Path]:
+    """Deletes the staging folders of merges into ``output_dir`` whose process is gone.
+
+    A merge killed before its rename (SIGKILL, out of memory) leaves a hidden folder of the
+    model's size beside the output (13 GB for a 7B model in bf16). Only folders made on this
+    host by a process that no longer runs are removed; others are left to their owner.
+    """
+    prefix = _staging_prefix(output_dir)
+    removed = []
+    for path in output_dir.parent.glob(f"{prefix}*"):
+        pid = path.name[len(prefix):].split("-", 1)[0]
+        if not (path.is_dir() and pid.isdigit()) or _process_alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        logger.warning("removed %s, left by an interrupted merge (process %s)", path, pid)
+        removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 # --------------------------------------------------------------------------- loading, merging, checking

@@ -97,6 +97,28 @@ def test_causal_lm_merge_matches_base_plus_adapter(base, tokenizer, tmp_path):
     assert no_leftovers(tmp_path)
 
 
+def test_a_merge_cleans_up_after_a_killed_one(base, tmp_path):
+    """A merge killed before its rename leaves its staging folder (the size of the model);
+    the next merge into the same output removes it when its process is gone, and leaves the
+    folder of a merge that still runs (here: this process's id)."""
+    import socket
+
+    causal_adapter(base, tmp_path / "sft")
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a finished process: its id is free
+    host = socket.gethostname()
+    abandoned = tmp_path / f".merged.merging-{host}-{dead.pid}-abc123"
+    running = tmp_path / f".merged.merging-{host}-{os.getpid()}-def456"
+    other_output = tmp_path / f".other.merging-{host}-{dead.pid}-ghi789"
+    for folder in (abandoned, running, other_output):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+    merge_adapter(tmp_path / "sft", tmp_path / "merged")
+    assert not abandoned.exists()
+    assert running.exists() and other_output.exists()
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
 def test_seq_cls_adapter_with_trained_score_head(base, tokenizer, tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -44,9 +44,10 @@ def launch(out: Path, engine: str, gather: bool = True, full: bool = False, **ex
     out.mkdir(parents=True)
     args = [WORKER, str(out), "1" if gather else "0", "1" if full else "0"]
     if engine == "ddp":
-        torchrun(args, env={**env(), **extra_env}, timeout=240)
+        torchrun(args, env={**env(), **extra_env}, timeout=240, fresh=(out,))
     else:
-        accelerate_launch(args, env={**env(), **extra_env}, timeout=240, config_file=f"deepspeed_{engine}.yaml")
+        accelerate_launch(args, env={**env(), **extra_env}, timeout=240, config_file=f"deepspeed_{engine}.yaml",
+                          fresh=(out,))
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 

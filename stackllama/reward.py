@@ -229,11 +229,14 @@ def default_sft_model(output_dir: str) -> str:
     )
 
 
-def load_reward_model(path: str, dtype: str | None = None, trust_remote_code: bool = False):
+def load_reward_model(path: str, dtype: str | None = None, trust_remote_code: bool = False, device=None):
     """(model, tokenizer) of a saved reward model: full weights, or a LoRA adapter over its base.
 
-    Works for the stage's own output and for any one-label sequence classifier on the Hub.
+    Works for the stage's own output and for any one-label sequence classifier on the Hub. With an
+    accelerator `device`, the weights are read straight onto it (`device_map`) rather than into host
+    memory first: eight processes of a node would otherwise each hold a full copy in RAM at once.
     """
+    import torch
     from transformers import AutoModelForSequenceClassification
 
     from .modeling import load_tokenizer, torch_dtype
@@ -241,6 +244,8 @@ def load_reward_model(path: str, dtype: str | None = None, trust_remote_code: bo
     folder = Path(path)
     tokenizer = load_tokenizer(path, task="seq_cls", trust_remote_code=trust_remote_code)
     kwargs = dict(num_labels=1, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+    if device is not None and torch.device(device).type != "cpu":
+        kwargs["device_map"] = {"": torch.device(device)}
     if (folder / "adapter_config.json").is_file():
         from peft import PeftConfig, PeftModel
 

@@ -82,10 +82,12 @@ class RewardFunction:
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: str | None = None, trust_remote_code: bool = False, **kwargs):
-        """Load a saved reward model (full weights or LoRA, see `stackllama.reward.load_reward_model`)."""
+        """Load a saved reward model (full weights or LoRA, see `stackllama.reward.load_reward_model`),
+        straight onto `device` when that is an accelerator."""
         from .reward import load_reward_model
 
-        model, tokenizer = load_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model, tokenizer = load_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                             device=kwargs.get("device"))
         return cls(model, tokenizer, **kwargs)
 
     # ------------------------------------------------------------------ the two paths

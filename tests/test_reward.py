@@ -167,6 +167,28 @@ def test_saved_model_reloads_and_scores(small, tmp_path):
     assert not torch.allclose(expected_lora, expected)
 
 
+def test_reward_model_is_read_straight_onto_an_accelerator(small, tmp_path, monkeypatch):
+    """With a GPU device the weights go there at load time (`device_map`), not through host
+    memory; on CPU, or without a device, loading is as before."""
+    from transformers import AutoModelForSequenceClassification
+
+    model, tokenizer = seq_cls(small.base)
+    model.save_pretrained(tmp_path / "full")
+    tokenizer.save_pretrained(tmp_path / "full")
+    seen = []
+    real = AutoModelForSequenceClassification.from_pretrained
+
+    def spy(name, **kwargs):
+        seen.append(kwargs.get("device_map"))
+        kwargs.pop("device_map", None)  # no GPU here: load on CPU after recording the request
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", spy)
+    for device in ("cuda:1", "cpu", None):
+        load_reward_model(str(tmp_path / "full"), device=device)
+    assert seen == [{"": torch.device("cuda:1")}, None, None]
+
+
 @pytest.mark.slow
 def test_script_trains_then_evaluates_alone(small, tmp_path):
     """scripts/reward_modeling.py on the small model: accuracy rises, the results file holds

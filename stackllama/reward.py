@@ -200,8 +200,9 @@ def restore_score_head_dtype(model, training_args) -> int:
     """
     if training_args.bf16 or training_args.fp16:
         return 0  # autocast casts the head's input
-    # the final norm's weight has the dtype of the hidden states (fp32 after prepare_model_for_kbit_training)
-    hidden_dtype = next((p.dtype for n, p in model.named_parameters() if n.endswith("norm.weight")), None)
+    # the frozen floating-point weights (norms, embeddings; the quantized ones are integers) have the
+    # dtype of the hidden states: fp32 after prepare_model_for_kbit_training
+    hidden_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad), None)
     if hidden_dtype is None:
         return 0
     cast = 0

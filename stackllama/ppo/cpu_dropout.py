@@ -37,7 +37,9 @@ class CPUDropout(nn.Dropout):
             # x times a {0, 1/(1-p)} tensor: the same values as scaling then masked_fill, and the
             # backward is one multiplication (masked_fill's made fwd+bwd 1.5x slower on (4, 96, 256))
             return x * (~drop).to(x.dtype).mul_(scale)
-        return (x * scale).masked_fill_(drop, 0.0)  # the scale rounded once, in the op, as nn.Dropout
+        # other dtypes as before: the scale is applied in the multiplication's fp32 arithmetic (a bf16
+        # mask would round 1/(1-p) to bf16 first, as nn.Dropout's does)
+        return (x * scale).masked_fill_(drop, 0.0)
 
 
 def use_cpu_dropout(model: nn.Module) -> int:

@@ -65,6 +65,14 @@ def accelerator_available() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
+def launched_with(engine: str) -> bool:
+    """Whether `accelerate launch` started this process with `engine` ("DEEPSPEED" or "FSDP"): the
+    `ACCELERATE_USE_<engine>` flag it sets, read as accelerate reads it."""
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env(f"ACCELERATE_USE_{engine}")
+
+
 def process_state():
     """This process's place in the run (accelerate's `PartialState`), set up so that the processes
     started by `torchrun` / `accelerate launch` join one run on a machine without GPU too.
@@ -79,8 +87,7 @@ def process_state():
 
     if accelerator_available():
         return PartialState()
-    deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if deepspeed_launch and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_with("DEEPSPEED") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return PartialState(backend="gloo")
     return PartialState(cpu=True)
 
@@ -290,13 +297,9 @@ def place_for_evaluation(model, training_args):
     Left where they are: models placed at load time (`device_map`, so 8-bit / 4-bit bases) and
     models that DeepSpeed or FSDP place themselves, as the Trainer would leave them.
     """
-    import os
-
     if getattr(model, "hf_device_map", None) is not None or getattr(model, "is_quantized", False):
         return model
-    sharded = training_args.deepspeed or training_args.fsdp or any(
-        os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() in ("1", "true") for name in ("DEEPSPEED", "FSDP")
-    )
+    sharded = training_args.deepspeed or training_args.fsdp or launched_with("DEEPSPEED") or launched_with("FSDP")
     if sharded or training_args.place_model_on_device is False:
         return model
     return model.to(training_args.device)

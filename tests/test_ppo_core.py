@@ -30,7 +30,7 @@ def test_logprobs_from_logits_with_and_without_temperature():
     assert core.logprobs_from_logits(logits.bfloat16(), labels).dtype == torch.float32
 
 
-def test_logprobs_and_entropy_share_one_logsumexp():
+def test_logprobs_and_entropy_share_one_log_softmax():
     torch.manual_seed(0)
     logits = torch.randn(3, 5, 11, requires_grad=True)
     labels = torch.randint(0, 11, (3, 5))

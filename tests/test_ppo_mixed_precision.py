@@ -40,18 +40,18 @@ def test_frozen_weights_cast_once_give_bit_identical_outputs(tok):
     assert seen == [torch.bfloat16]  # the bf16 copy was in use...
     assert torch.equal(got, expected)  # ...and is exactly what autocast casts to
     assert q_proj.weight is weight and weight.dtype == torch.float32  # the original is back
-    copy = autocast._copies[q_proj][1]
+    copy = autocast._copies[id(weight)][2]
     lora_a = policy.causal_lm.model.layers[0].self_attn.q_proj.lora_A["default"]
-    assert lora_a not in autocast._copies  # trainable weights are left to autocast
+    assert id(lora_a.weight) not in autocast._copies  # trainable weights are left to autocast
 
     with torch.no_grad(), autocast():
         policy(input_ids=ids, attention_mask=mask)
-    assert autocast._copies[q_proj][1] is copy  # made once...
+    assert autocast._copies[id(weight)][2] is copy  # made once...
     with torch.no_grad():
         weight.mul_(2.0)
         with autocast():
             changed, _ = policy(input_ids=ids, attention_mask=mask)
-    assert autocast._copies[q_proj][1] is not copy  # ...and re-made after an in-place change
+    assert autocast._copies[id(weight)][2] is not copy  # ...and re-made after an in-place change
     assert not torch.equal(changed, expected)
 
 
@@ -120,5 +120,5 @@ def test_reference_model_without_lora_gets_the_copies(tok):
     queries = make_queries(tok, 4)
     responses = trainer.generate(queries, return_prompt=False, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=4)
     trainer.step(queries, responses, [torch.tensor(1.0)] * 4)
-    copied = {id(m) for m in trainer._bf16._copies}
-    assert copied and copied <= {id(m) for m in trainer.ref_model.modules()}
+    copied = set(trainer._bf16._copies)  # ids of the weights with a bf16 copy
+    assert copied and copied <= {id(p) for p in trainer.ref_model.parameters()}

@@ -59,6 +59,29 @@ def test_rollout_logprobs_values_match_trl_layout(tok):
         assert (logprobs[i, len(r) :] == 0).all() and (batch.mask[i, len(r) :] == 0).all()
 
 
+def test_rollout_chunks_do_not_change_the_rollout(tok):
+    """The no-grad passes run in chunks of ``rollout_chunk_size`` (default 8, at least a
+    minibatch, at most the batch): one sequence per pass or all together, the same numbers."""
+    from stackllama.ppo import PPOConfig
+
+    assert PPOConfig(batch_size=64, mini_batch_size=2).rollout_chunk_size == 8
+    assert PPOConfig(batch_size=64, mini_batch_size=16).rollout_chunk_size == 16
+    assert PPOConfig(batch_size=4, mini_batch_size=2).rollout_chunk_size == 4
+    assert PPOConfig(batch_size=64, mini_batch_size=2, rollout_batch_size=3).rollout_chunk_size == 3
+    results = []
+    for chunk in (1, None):
+        trainer = make_trainer(tokenizer=tok, lora=True, rollout_batch_size=chunk)
+        with torch.no_grad():
+            for n, p in trainer.unwrapped_model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.linspace(-0.5, 0.5, p.numel()).view_as(p))
+        queries = make_queries(tok, 4, seed=3)
+        responses = [torch.tensor([5, 6, 7]), torch.tensor([9]), torch.tensor([10, 11]), torch.tensor([12, 13, 14, 15])]
+        results.append(trainer._rollout_forward(trainer._make_batch(queries, responses), 1.0))
+    for one_by_one, together in zip(*results):
+        torch.testing.assert_close(together, one_by_one, atol=1e-5, rtol=1e-5)
+
+
 def test_position_ids_ignore_left_padding_absolute_positions(tok):
     """GPT-2 has absolute positions: with the fix, a row's log-probs do not depend on how
     much left padding its batch needs; with TRL's arange positions they do."""
@@ -173,7 +196,8 @@ def test_rollouts_run_with_dropout_off(tok):
 def test_forward_pass_count(tok, reuse):
     """Rollout: one reference pass per chunk, plus one policy pass per chunk unless the
     policy's log-probs/values come from generate; updates: one pass per minibatch."""
-    trainer = make_trainer(tokenizer=tok, batch_size=4, mini_batch_size=2, ppo_epochs=3, reuse_generation_logprobs=reuse)
+    trainer = make_trainer(tokenizer=tok, batch_size=4, mini_batch_size=2, ppo_epochs=3, reuse_generation_logprobs=reuse,
+                           rollout_batch_size=2)  # 2 chunks
     queries, responses = rollout(trainer)
     calls = []
     hook = trainer.unwrapped_model.causal_lm.model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)

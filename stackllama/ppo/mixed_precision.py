@@ -21,6 +21,7 @@ barely faster than fp32 there (``benchmarks/ppo_step.py --bf16``), and are chang
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Iterable, Optional
 
 import torch
@@ -58,7 +59,8 @@ class Bf16Autocast:
         self.models = [m for m in models if m is not None]
         self.device_type = device_type
         self.cpu_speedups = cpu_speedups and device_type == "cpu"  # off under DeepSpeed (sharded weights)
-        self._copies: dict[nn.Linear, tuple[int, torch.Tensor]] = {}
+        self._copies: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}  # id(weight) -> copy
+        self._linears: Optional[list[nn.Linear]] = None
 
     @property
     def kv_cache_dtype(self) -> Optional[torch.dtype]:
@@ -76,21 +78,26 @@ class Bf16Autocast:
             yield
 
     def _frozen_linears(self):
-        for model in self.models:
-            for module in model.modules():
-                w = module._parameters.get("weight") if type(module) is nn.Linear else None
-                if w is not None and not w.requires_grad and w.dtype == torch.float32:
-                    yield module, w
+        if self._linears is None:  # the models' structure is fixed once training starts: walk it once
+            self._linears = [m for model in self.models for m in model.modules() if type(m) is nn.Linear]
+        for module in self._linears:
+            w = module._parameters.get("weight")
+            if w is not None and not w.requires_grad and w.dtype == torch.float32:
+                yield module, w
 
     @contextlib.contextmanager
     def _bf16_frozen_weights(self):
         swapped = []
         try:
             for module, weight in list(self._frozen_linears()):
-                version, copy = self._copies.get(module, (None, None))
-                if version != weight._version:  # first use, or the weight was changed in place
+                key = id(weight)
+                ref, version, copy = self._copies.get(key, (None, None, None))
+                # first use, another weight (merged_lora's), or the weight was changed in place
+                if ref is None or ref() is not weight or version != weight._version:
                     copy = nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False)
-                    self._copies[module] = (weight._version, copy)
+                    # the copy lives as long as its weight: the entry goes when the weight does
+                    ref = weakref.ref(weight, lambda _, key=key, copies=self._copies: copies.pop(key, None))
+                    self._copies[key] = (ref, weight._version, copy)
                 module._parameters["weight"] = copy
                 swapped.append((module, weight))
             yield

@@ -26,6 +26,7 @@ from transformers.cache_utils import DynamicLayer
 
 from . import core
 from .guards import effective_generation_param
+from .last_layer import last_layer_from
 from .value_head import logits_transform
 
 # Generation-config fields this loop implements; any other non-default field goes to generate.
@@ -152,8 +153,9 @@ def sample(
     cache = _kv_cache(causal_lm.config, Q + max_new_tokens, cache_dtype)
     capture = logprob_temperature is not None
 
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                     past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+    with last_layer_from(decoder, Q - 1):  # the prefill reads the last position only
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                         past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
     position = positions[:, -1:]
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, logprobs, hiddens = [], [], []

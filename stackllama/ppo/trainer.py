@@ -49,6 +49,7 @@ from ..modeling import process_state
 from . import checkpointing as ckpt
 from . import core, sampling
 from .config import PPOConfig
+from .cpu_allocator import keep_freed_memory
 from .cpu_dropout import use_cpu_dropout
 from .guards import (
     NonFiniteError,
@@ -61,6 +62,8 @@ from .guards import (
     stopped,
 )
 from .kl_controllers import AdaptiveKLController, FixedKLController
+from .last_layer import last_layer_from
+from .merged_lora import merged_lora
 from .mixed_precision import Bf16Autocast
 from .optim import AdamTFStyle
 from .value_head import AutoModelForCausalLMWithValueHead, eval_mode, logits_transform
@@ -194,6 +197,8 @@ class PPOTrainer:
         self.trainable_params = params
         if self.accelerator.device.type == "cpu":
             use_cpu_dropout(self.unwrapped_model)  # the same masks, drawn at half the cost (cpu_dropout.py)
+            if cfg.cpu_malloc_tuning:
+                keep_freed_memory()  # no page faults on every step's tensors (cpu_allocator.py)
         self._bf16 = None
         if cfg.bf16_autocast:
             self._bf16 = Bf16Autocast([self.unwrapped_model, self.ref_model], self.accelerator.device.type,
@@ -332,7 +337,9 @@ class PPOTrainer:
         own_loop = self._sampling_loop_allowed(model, generation_kwargs, length_sampler is not None)
         # as generate: an explicit eos_token_id=None in the call means no EOS stop
         eos_ids = flatten_stop_ids(generation_kwargs["eos_token_id"] if "eos_token_id" in generation_kwargs else gen_config.eos_token_id)
-        with unwrapped as model, eval_mode(model, enabled=self.config.rollout_in_eval_mode):
+        merge = self.config.merge_lora_for_sampling and model.is_peft_model and not self.is_zero3
+        with (unwrapped as model, eval_mode(model, enabled=self.config.rollout_in_eval_mode),
+              merged_lora(model, enabled=merge)):
             for start in range(0, len(queries), batch_size):
                 chunk = [q.to(device) for q in queries[start : start + batch_size]]
                 kwargs = dict(generation_kwargs)
@@ -565,7 +572,8 @@ class PPOTrainer:
         am = batch.attention_mask[idx, Q - q_max : Q + r_max]
         pos = core.position_ids_from_attention_mask(am) if self.config.position_ids_from_attention_mask else None
         if ref and self.ref_model is not None:
-            with self._autocast():
+            decoder = self.ref_model.get_decoder() if hasattr(self.ref_model, "get_decoder") else None
+            with self._autocast(), last_layer_from(decoder, q_max - 1):
                 out = self.ref_model(input_ids=ids, attention_mask=am, position_ids=pos, logits_to_keep=r_max + 1, use_cache=False)
             logits, values = out.logits[:, :-1], None
         else:
@@ -582,7 +590,7 @@ class PPOTrainer:
         reference model) and the per-token KL."""
         cfg = self.config
         B, R = batch.mask.shape
-        chunk = cfg.rollout_batch_size or cfg.mini_batch_size
+        chunk = cfg.rollout_chunk_size
         device = batch.mask.device
         logprobs = torch.zeros(B, R, device=device)
         ref_logprobs = torch.zeros(B, R, device=device)

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .last_layer import last_layer_from
+
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_HEAD_CONFIG = "value_head_config.json"
 
@@ -169,17 +171,19 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
             caught = []
             handle = decoder.register_forward_hook(lambda module, args, output: caught.append(output[0]))
             try:
-                logits = lm(
-                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                    logits_to_keep=input_ids.shape[1] - logits_start,
-                ).logits[:, : end - logits_start]
+                with last_layer_from(decoder, logits_start):
+                    logits = lm(
+                        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                        logits_to_keep=input_ids.shape[1] - logits_start,
+                    ).logits[:, : end - logits_start]
             finally:
                 handle.remove()
             hidden = caught[0][:, logits_start:end]
         else:
-            hidden = decoder(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            ).last_hidden_state
+            with last_layer_from(decoder, logits_start):  # positions before logits_start are not read
+                hidden = decoder(
+                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+                ).last_hidden_state
             # contiguous: the LM head is then one (n*len, H) x (H, V) matmul, not a slower batched one
             hidden = hidden[:, logits_start:end].contiguous()
             logits = lm.get_output_embeddings()(hidden)

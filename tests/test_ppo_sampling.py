@@ -90,6 +90,20 @@ def test_temperature_is_used_for_drawing(tok):
     assert torch.equal(tokens, greedy[:, ids.shape[1]:])
 
 
+def test_outputs_can_enter_autograd(tok):
+    """The loop runs under inference_mode; what it returns must still be usable where
+    autograd saves tensors for the backward (tokens as gather indices, log-probs, hidden)."""
+    model = make_model(tok)
+    trainer = make_trainer(tokenizer=tok)
+    ids, mask = trainer._left_pad(make_queries(tok, 3, seed=4))
+    tokens, logprobs, hidden = sampling.sample(model, ids, mask, 4, 1.0, [], tok.pad_token_id, logprob_temperature=1.0)
+    assert not any(t.is_inference() for t in (tokens, logprobs, hidden))
+    w = torch.ones(hidden.shape[-1], len(tok), requires_grad=True)
+    loss = ((hidden @ w).log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1) * logprobs).sum()
+    loss.backward()  # raises for inference tensors ("cannot be saved for backward")
+    assert w.grad is not None
+
+
 def test_rows_are_padded_after_eos_and_the_loop_stops_when_all_ended(tok):
     model = make_model(tok)
     eos, pad = tok.eos_token_id, tok.pad_token_id

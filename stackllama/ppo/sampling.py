@@ -122,8 +122,16 @@ def draw(probs: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=probs.shape[-1] - 1)[:, 0]
 
 
-@torch.no_grad()
-def sample(
+def sample(*args, **kwargs):
+    """:func:`sample_loop` under ``torch.inference_mode`` (no autograd bookkeeping on any
+    tensor: 5-8% of the decode time on CPU, where each token's ops are small), returning
+    normal tensors, which later autograd passes may use."""
+    with torch.inference_mode():
+        out = sample_loop(*args, **kwargs)
+    return tuple(None if t is None else t.clone() for t in out)
+
+
+def sample_loop(
     causal_lm,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,

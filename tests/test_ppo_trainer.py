@@ -378,6 +378,20 @@ def test_eos_suppression_refused_or_warned(tok):
         trainer.generate(queries, do_sample=True, max_new_tokens=4)  # transformers' default top_k=50
 
 
+def test_no_negative_kl_warning_for_rounding_at_the_first_step(tok):
+    """Policy == reference at the first step: the KL is rounding noise of either sign, not a
+    warning (the tiny pipeline's first PPO step warned of a KL of -0.0000)."""
+    import warnings as w
+
+    trainer = make_trainer(tokenizer=tok, lora=False, ppo_epochs=1)
+    queries, responses = rollout(trainer)
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        stats = trainer.step(queries, responses, ones(4))
+    assert abs(stats["objective/kl"]) < 1e-4
+    assert not [c for c in caught if "negative" in str(c.message)]  # the warning itself: test_negative_kl_warning
+
+
 def test_negative_kl_warning(tok):
     """Responses the reference likes far more than the policy: the k1 KL goes negative."""
     favourite = tok.convert_tokens_to_ids("w3")

@@ -124,9 +124,11 @@ class PPOConfig:
     """Per-token KL estimator: ``kl``, ``abs``, ``mse`` or ``full`` (see core.kl_penalty)."""
     target: float = 6.0
     horizon: float = 10000.0
-    negative_kl_warning: float = 0.0
+    negative_kl_warning: float = 1e-3
     """Warn (with the likely causes) when the batch mean KL is below ``-this``. TRL warned
-    only below -1; a negative mean KL is impossible for the true KL, so we warn below 0."""
+    only below -1; a negative mean KL is impossible for the true KL, so we warn just below 0:
+    not for float rounding while the policy still equals the reference (the first step's
+    KL is then about +-1e-6: the sampling pass with its KV cache against a full pass)."""
 
     # ------------------------------------------------------------------ scores
     use_score_scaling: bool = False

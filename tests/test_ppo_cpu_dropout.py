@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from stackllama.ppo.cpu_dropout import CPUDropout, drop_mask, use_cpu_dropout
+from stackllama.ppo.cpu_dropout import CPUDropout, keep_mask, use_cpu_dropout
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3])
-def test_drop_mask_drops_a_share_p(p):
+def test_keep_mask_drops_a_share_p(p):
     n = 1_000_000
-    share = drop_mask(torch.Size([n]), p, torch.device("cpu")).float().mean().item()
+    share = 1 - keep_mask(torch.Size([n]), p, torch.device("cpu")).float().mean().item()
     assert abs(share - p) < 5 * math.sqrt(p * (1 - p) / n)
 
 
@@ -27,7 +27,7 @@ def test_values_and_gradients_follow_one_mask(dtype):
     torch.manual_seed(0)
     y = drop(x)
     torch.manual_seed(0)
-    dropped = drop_mask(x.shape, p, x.device)  # the same draw
+    dropped = ~keep_mask(x.shape, p, x.device)  # the same draw
     expected = (x.detach() * (1 / (1 - p))).masked_fill(dropped, 0.0)
     assert y.dtype == dtype and torch.equal(y.detach(), expected)
     assert 0.25 < dropped.float().mean().item() < 0.35

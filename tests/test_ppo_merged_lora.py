@@ -60,6 +60,8 @@ def test_layers_that_keep_their_adapter_path():
     with plain.disable_adapter():
         assert not any(_mergeable(m) for m in plain.modules())
     assert sum(bool(_mergeable(m)) for m in plain.modules()) == 4
+    plain.train()  # LoRA dropout 0.1 active: the adapter path is not W + sBA
+    assert not any(_mergeable(m) for m in plain.modules())
     with merged_lora(plain, enabled=False) as n:
         assert n == 0
 

@@ -25,12 +25,6 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     return uniform32 < round((1.0 - p) * 2**32) - 2**31
 
 
-def drop_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """Bool tensor of ``shape``, True with probability ``p``: the complement of the
-    :func:`keep_mask` drawn from the same random state."""
-    return ~keep_mask(shape, p, device)
-
-
 class CPUDropout(nn.Dropout):
     """``nn.Dropout`` whose mask comes from :func:`keep_mask` for CPU tensors in training."""
 

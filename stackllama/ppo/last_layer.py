@@ -16,9 +16,9 @@ not (they are the residual stream without the last MLP), and the caller must not
 
 Only for decoders whose layers are the usual transformer block: a ``layers`` (or ``h``)
 list whose last entry has an ``mlp`` and an attention module (LLaMA, Mistral, Qwen, Gemma,
-Mixtral, GPT-2, ...). Anything else runs as it is, and so does
-a decoder with gradient checkpointing on (its backward re-runs the layer after the context
-has ended, and would meet different shapes).
+Mixtral, GPT-2, ...). Anything else runs as it is, and so does a decoder with gradient
+checkpointing on (its backward re-runs the layer after the context has ended, and would
+meet different shapes).
 """
 
 from __future__ import annotations

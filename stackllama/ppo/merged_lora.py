@@ -12,7 +12,8 @@ afterwards; ``(W + d) - d`` is not ``W`` in floating point, and the base is the 
 reference policy, so it would drift a little at every step. Here ``W'`` is a new tensor
 swapped in for the duration of the context (a temporary copy of each adapted weight) and
 the original ``W`` is put back untouched. Layers on a quantized base (8-bit / 4-bit), with
-a LoRA variant (DoRA, ...) or a LoRA bias keep their adapter path.
+a LoRA variant (DoRA, ...), a LoRA bias, or LoRA dropout active (sampling in train mode,
+``rollout_in_eval_mode=False``) keep their adapter path.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def _mergeable(layer) -> list[str]:
         return []
     adapters = [a for a in layer.active_adapters if a in layer.lora_A]
     if any(a in layer.lora_variant or layer.lora_bias.get(a, False) for a in adapters):
+        return []
+    # with its dropout active (train mode: rollout_in_eval_mode=False) the adapter path is not W + sBA
+    if any(layer.lora_dropout[a].training and getattr(layer.lora_dropout[a], "p", 0.0) > 0 for a in adapters):
         return []
     return adapters
 

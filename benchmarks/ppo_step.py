@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--bf16", action="store_true", help="PPOConfig(bf16_autocast=True)")
     ap.add_argument("--no-reuse", action="store_true", help="recompute log pi_old / V_old instead of taking them from generate")
+    ap.add_argument("--dropout-in-updates", action="store_true",
+                    help="PPOConfig(dropout_in_updates=True): the LoRA dropout on in the update passes (default off, as TRL 0.11)")
     ap.add_argument("--vocab", type=int, default=4096, help="4096 = the project's tiny model (configs/tiny_model)")
     args = ap.parse_args()
     if args.threads:
@@ -78,7 +80,7 @@ def main() -> None:
     reward_model = LlamaForSequenceClassification(LlamaConfig(**{**config.to_dict(), "num_labels": 1})).eval()
 
     ppo_config = PPOConfig(batch_size=B, mini_batch_size=B // 4, ppo_epochs=4, learning_rate=1.41e-5, seed=0, bf16_autocast=args.bf16,
-                           reuse_generation_logprobs=not args.no_reuse)
+                           reuse_generation_logprobs=not args.no_reuse, dropout_in_updates=args.dropout_in_updates)
     trainer = PPOTrainer(ppo_config, policy, None, _IdTokenizer())
     queries = [torch.randint(3, args.vocab, (Q,)) for _ in range(B)]
     gen_kwargs = dict(do_sample=True, top_k=0, top_p=1.0, max_new_tokens=R, batch_size=B)
@@ -102,7 +104,8 @@ def main() -> None:
     rate = matmul_rate()
 
     print_split(f"PPO step, {B} prompts x ({Q}+{R}) tokens, 4-layer 256-wide LLaMA (vocab {args.vocab}), LoRA r16 q/v, "
-                f"4 epochs x 4 minibatches, {'bf16 autocast' if args.bf16 else 'fp32'}, {torch.get_num_threads()} threads, "
+                f"4 epochs x 4 minibatches, {'bf16 autocast' if args.bf16 else 'fp32'}, "
+                f"dropout {'on' if args.dropout_in_updates else 'off'} in updates, {torch.get_num_threads()} threads, "
                 f"median of {args.steps} steps", med)
     print(f"  tokens/s (prompt+response tokens processed per step / step time): {B * Q + med['tokens']:.0f} tok / "
           f"{med['total']:.3f} s = {(B * Q + med['tokens']) / med['total']:.0f} tok/s")

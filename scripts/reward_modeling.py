@@ -35,6 +35,7 @@ from stackllama.modeling import (
     MissingDependencyError,
     ModelLoadError,
     count_parameters,
+    end_process,
     load_model,
     load_tokenizer,
     lora_config,
@@ -165,3 +166,4 @@ if __name__ == "__main__":
         main(*args)
     except (ValueError, FileNotFoundError, MissingDependencyError, ModelLoadError, NonFiniteError) as error:
         fail(str(error))
+    end_process()  # a gloo run ends without interpreter finalization (stackllama.modeling.end_process)

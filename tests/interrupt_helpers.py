@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,66 +68,44 @@ def run(command: list[str], env: dict | None = None, timeout: float = 600) -> su
 PYTHON = sys.executable
 
 
-# A worker of a 2-process CPU launch sometimes dies with this C++ abort from a native thread (no
-# Python frame): 6 of 46 launches of the ZeRO-3 PPO worker on a loaded 2-core machine, none of 12
-# on an idle one; also once at the end of a plain-DDP SFT run. It persists with DeepSpeed's
-# shared-memory comm op disabled; the cause (gloo or DeepSpeed threads in torch 2.13) is not found.
-NATIVE_ABORT = "terminate called without an active exception"
-
-
-def run_group(command: list[str], env: dict | None = None, timeout: float = 300, what: str = "run",
-              fresh: tuple[Path, ...] = ()) -> str:
+def run_group(command: list[str], env: dict | None = None, timeout: float = 300, what: str = "run") -> str:
     """`command` from the repository root, to the end, in a new session; returns stdout + stderr. On a
     timeout the whole session (a launcher and all its workers) is killed, so a hung collective cannot
-    outlive the test.
-
-    When a worker died of `NATIVE_ABORT` and the caller names in `fresh` every folder the run writes,
-    those are put back as they were before the run (removed, or empty) and the run starts once more,
-    with a warning in the test report; any other failure, or the abort twice, fails."""
-    existed = {folder: folder.exists() for folder in fresh}
-    for attempt in (1, 2):
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
-        try:
-            output, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            raise AssertionError(f"{what} timed out after {timeout:.0f} s")
-        if proc.returncode == 0:
-            return output
-        if attempt == 1 and fresh and NATIVE_ABORT in output:
-            warnings.warn(f"{what}: a worker aborted ({NATIVE_ABORT!r}); run again from empty folders")
-            for folder in fresh:
-                shutil.rmtree(folder, ignore_errors=True)
-                if existed[folder]:
-                    folder.mkdir(parents=True)
-            continue
+    outlive the test. Any failure fails (no retry: a worker that used to die of "terminate called without
+    an active exception" at exit now ends through `stackllama.modeling.end_process`, test_launch_helpers.py)."""
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"{what} timed out after {timeout:.0f} s")
+    if proc.returncode != 0:
         raise AssertionError(output[-4000:])
-    raise AssertionError("unreachable")
+    return output
 
 
-def torchrun(args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 300,
-             fresh: tuple[Path, ...] = ()) -> str:
+def torchrun(args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 300) -> str:
     """`python -m torch.distributed.run --standalone --nproc_per_node <nproc> <args>` (see `run_group`)."""
     command = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
-    return run_group(command, env, timeout, f"{nproc}-process torchrun of {args[0]}", fresh)
+    return run_group(command, env, timeout, f"{nproc}-process torchrun of {args[0]}")
 
 
 def accelerate_launch(args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 300,
-                      config_file: str | None = None, fresh: tuple[Path, ...] = ()) -> str:
+                      config_file: str | None = None, mixed_precision: str = "no") -> str:
     """`python -m accelerate.commands.launch --multi_gpu --num_processes <nproc> <args>` (see `run_group`),
     or with `config_file` (one of accelerate_configs/, e.g. "deepspeed_zero3.yaml") instead of
-    `--multi_gpu`, in fp32 with <nproc> processes (the configs are written for 8 GPUs in bf16).
+    `--multi_gpu`, with <nproc> processes in `mixed_precision` (default fp32; the configs are written for
+    8 GPUs in bf16).
 
     `--multi_gpu` is accelerate's torch-elastic launcher, which starts <nproc> workers on a CPU-only machine
     too; `--cpu --num_processes 2` would start one process (accelerate's simple launcher)."""
     how = (["--config_file", str(REPO / "accelerate_configs" / config_file)] if config_file
            else ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"])
     command = [PYTHON, "-m", "accelerate.commands.launch", *how, "--num_processes", str(nproc),
-               "--mixed_precision", "no", *args]
-    return run_group(command, env, timeout, f"{nproc}-process accelerate launch of {args[0]} ({config_file or 'multi_gpu'})",
-                     fresh)
+               "--mixed_precision", mixed_precision, *args]
+    return run_group(command, env, timeout, f"{nproc}-process accelerate launch of {args[0]} ({config_file or 'multi_gpu'})")
 
 
 # Started in every process of a launch (the launcher too: it has no RANK and is left alone).

@@ -4,7 +4,9 @@ LoRA policy, then save it.
 
 argv: <out dir> <gather: 1|0> <full: 1|0 (no LoRA, an explicit reference model)>; environment:
 PPO_STEPS (2), SAVE_AT (write <out>/checkpoint-<n> after step n), RESUME (a checkpoint to go on from),
-FAST_SAMPLING (1: the trainer's sampling loop where it applies; 0: always transformers' generate).
+FAST_SAMPLING (1: the trainer's sampling loop where it applies; 0: always transformers' generate),
+GUARDS (1: afterwards, a step whose minibatches all exceed ratio_threshold, then one whose backward
+gives a NaN gradient on rank 1; out/guards<rank>.json says what each left).
 Each rank samples a different number of new tokens (rank 0: 3, rank 1: 9): under ZeRO-3 every
 forward of a sharded model is a collective, so generating on the shards without `synced_gpus`
 would hang; the trainer must gather the weights (or sync the ranks) for it to finish.
@@ -22,6 +24,7 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
 from ppo_tiny import make_policy, make_queries, make_tokenizer  # noqa: E402
+from stackllama.modeling import end_process  # noqa: E402
 from stackllama.ppo import PPOConfig, PPOTrainer  # noqa: E402
 
 out, gather, full = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
@@ -32,7 +35,12 @@ cfg = PPOConfig(
     use_score_scaling=True, ds3_gather_for_generation=gather, max_grad_norm=None,
     fast_sampling=os.environ.get("FAST_SAMPLING", "1") == "1",
 )
-trainer = PPOTrainer(cfg, make_policy(tok, lora=not full), None, tok)
+policy = make_policy(tok, lora=not full)
+# GUARDS=1: a gradient that backward computes as NaN on rank 1 only, once switched on (below)
+nan_gradient = {"on": False}
+guard_name, guard_param = next((n, p) for n, p in policy.named_parameters() if p.requires_grad and (full or "lora_B" in n))
+guard_param.register_hook(lambda g: g * float("nan") if nan_gradient["on"] and os.environ.get("RANK") == "1" else g)
+trainer = PPOTrainer(cfg, policy, None, tok)
 acc = trainer.accelerator
 rank = acc.process_index
 engine = trainer.model
@@ -85,5 +93,33 @@ result = {
 }
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump(result, f)
+
+if os.environ.get("GUARDS") == "1":  # after the run the other tests compare: what each guard leaves
+    from stackllama.ppo import NonFiniteError
+
+    def one_step():
+        responses = trainer.generate(queries, return_prompt=False, do_sample=True, top_k=0, top_p=1.0,
+                                     max_new_tokens=3 + 6 * rank, eos_token_id=None)
+        return trainer.step(queries, responses, [torch.tensor(float(rank + i)) for i in range(4)])
+
+    guards = {"param": guard_name}
+    before = trainable_flat()[0]
+    engine_steps = engine.global_steps if trainer.is_deepspeed else None
+    trainer.config.ratio_threshold = 0.0  # every minibatch exceeds it: skipped, no optimizer step
+    guards["skip_optimizer_steps"] = one_step()["ppo/optimizer_steps"]
+    guards["skip_engine_steps"] = engine.global_steps - engine_steps if trainer.is_deepspeed else None
+    guards["skip_same_weights"] = bool(torch.equal(trainable_flat()[0], before))
+    trainer.config.ratio_threshold = 10.0
+    nan_gradient["on"] = True
+    try:
+        one_step()
+        guards["nan"] = None
+    except NonFiniteError as error:
+        guards["nan"] = str(error)
+    guards["nan_engine_steps"] = engine.global_steps - engine_steps if trainer.is_deepspeed else None
+    guards["nan_same_weights"] = bool(torch.equal(trainable_flat()[0], before))
+    with open(os.path.join(out, f"guards{rank}.json"), "w") as f:
+        json.dump(guards, f)
 acc.wait_for_everyone()
-acc.end_training()  # leaves the process group together (a rank exiting alone can abort the other)
+acc.end_training()
+end_process()  # as the scripts end (stackllama.modeling.end_process)

@@ -11,6 +11,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 
 from ppo_tiny import make_policy, make_queries, make_tokenizer  # noqa: E402
+from stackllama.modeling import end_process  # noqa: E402
 from stackllama.ppo import PPOConfig, PPOTrainer  # noqa: E402
 
 torch.set_num_threads(1)
@@ -40,8 +41,13 @@ result = {
     "moved": bool(lora_b.abs().sum() > 0),
     "running_mean": trainer.running.mean,
     "kl": stats["objective/kl"],
+    "loss_total": stats["ppo/loss/total"],
+    "mean_raw_scores": stats["ppo/mean_raw_scores"],
     "kl_coef": trainer.kl_ctl.value,
     "samples_differ_by_rank": not torch.equal(samples[0], samples[1]),
 }
 with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
     json.dump(result, f)
+trainer.accelerator.wait_for_everyone()
+trainer.accelerator.end_training()
+end_process()  # as the scripts end (stackllama.modeling.end_process)

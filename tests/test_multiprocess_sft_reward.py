@@ -188,8 +188,7 @@ def check_logs_from_rank0_only(output: str, done_line: str) -> None:
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_sft_two_processes_train_one_model_on_both_ranks_data(small, tmp_path, launcher):
     out, record = tmp_path / "sft", tmp_path / "record"
-    output = LAUNCHERS[launcher](sft_args(small, out), nproc=2, env=worker_env(tmp_path, record), timeout=TIMEOUT,
-                                 fresh=(out, record))
+    output = LAUNCHERS[launcher](sft_args(small, out), nproc=2, env=worker_env(tmp_path, record), timeout=TIMEOUT)
     check_sft(record, out)
     check_logs_from_rank0_only(output, "SFT done")
 
@@ -197,8 +196,7 @@ def test_sft_two_processes_train_one_model_on_both_ranks_data(small, tmp_path, l
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_reward_two_processes_train_one_model_on_both_ranks_data(small, tmp_path, launcher):
     out, record = tmp_path / "reward", tmp_path / "record"
-    output = LAUNCHERS[launcher](reward_args(small, out), nproc=2, env=worker_env(tmp_path, record), timeout=TIMEOUT,
-                                 fresh=(out, record))
+    output = LAUNCHERS[launcher](reward_args(small, out), nproc=2, env=worker_env(tmp_path, record), timeout=TIMEOUT)
     check_logs_from_rank0_only(output, "reward modeling done")
     infos, results = check_cooperation("reward", record, out, "reward_results.json", "adapter_model.safetensors",
                                        steps=3)
@@ -218,11 +216,9 @@ def test_stage_under_deepspeed_zero3_trains_as_ddp_does(small, tmp_path, stage):
     make_args = sft_args if stage == "sft" else reward_args
     extra = ("--merge", "true") if stage == "sft" else ()
     ddp, ds = tmp_path / "ddp", tmp_path / "zero3"
-    torchrun(make_args(small, ddp, *extra), nproc=2, env=worker_env(tmp_path, tmp_path / "record_ddp"), timeout=TIMEOUT,
-             fresh=(ddp, tmp_path / "ddp-merged", tmp_path / "record_ddp"))
+    torchrun(make_args(small, ddp, *extra), nproc=2, env=worker_env(tmp_path, tmp_path / "record_ddp"), timeout=TIMEOUT)
     output = accelerate_launch(make_args(small, ds, *extra), nproc=2, env=worker_env(tmp_path, tmp_path / "record_ds"),
-                               timeout=TIMEOUT, config_file="deepspeed_zero3.yaml",
-                               fresh=(ds, tmp_path / "zero3-merged", tmp_path / "record_ds"))
+                               timeout=TIMEOUT, config_file="deepspeed_zero3.yaml")
     info = json.loads((tmp_path / "record_ds" / "rank0.json").read_text())
     assert info["distributed_type"] == "DistributedType.DEEPSPEED" and info["wrapped"] == "DeepSpeedEngine"
     assert info["world_size"] == 2

@@ -44,18 +44,18 @@ def launch(out: Path, engine: str, gather: bool = True, full: bool = False, **ex
     out.mkdir(parents=True)
     args = [WORKER, str(out), "1" if gather else "0", "1" if full else "0"]
     if engine == "ddp":
-        torchrun(args, env={**env(), **extra_env}, timeout=240, fresh=(out,))
+        torchrun(args, env={**env(), **extra_env}, timeout=240)
     else:
-        accelerate_launch(args, env={**env(), **extra_env}, timeout=240, config_file=f"deepspeed_{engine}.yaml",
-                          fresh=(out,))
+        accelerate_launch(args, env={**env(), **extra_env}, timeout=240, config_file=f"deepspeed_{engine}.yaml")
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deepspeed")
-    loop, generate = {}, {"FAST_SAMPLING": "0"}
-    cases = {"ddp": ("ddp", True, False, loop), "zero2": ("zero2", True, False, loop), "zero3": ("zero3", True, False, loop),
+    loop, generate, guards = {}, {"FAST_SAMPLING": "0"}, {"GUARDS": "1"}
+    cases = {"ddp": ("ddp", True, False, guards), "zero2": ("zero2", True, False, guards),
+             "zero3": ("zero3", True, False, guards),
              # on the shards generate needs synced_gpus (transformers' generate); its DDP twin samples that way too
              "zero3_sharded": ("zero3", False, False, loop), "ddp_generate": ("ddp", True, False, generate),
              # no LoRA: the explicit frozen reference model is sharded too (TRL's prepare_deepspeed)
@@ -129,6 +129,21 @@ def test_policy_saved_from_deepspeed_is_the_trained_one(runs, name):
             saved.append(weights[n[len("pretrained_model."):].replace(".default", "")])
     assert torch.equal(torch.cat([t.float().flatten() for t in saved]), flat)
     assert len(weights) == sum(1 for n in names if not n.startswith("v_head."))
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero2", "zero3"])
+def test_ratio_skip_and_nan_gradient_stop_before_the_weights_under_each_backend(runs, name):
+    """Under DeepSpeed as under DDP: a window whose minibatches all exceed ``ratio_threshold``
+    does not step the optimizer (DeepSpeed's engine included), and a NaN gradient computed on
+    one rank stops both ranks before any optimizer step, naming the parameter."""
+    out, _ = runs[name]
+    for rank in (0, 1):
+        guards = json.loads((out / f"guards{rank}.json").read_text())
+        assert guards["skip_optimizer_steps"] == 0 and guards["skip_engine_steps"] in (None, 0)
+        assert guards["skip_same_weights"]
+        assert guards["nan"] is not None
+        assert f"non-finite value (NaN/inf) in the gradient of {guards['param']} (on at least one process)" in guards["nan"]
+        assert guards["nan_engine_steps"] in (None, 0) and guards["nan_same_weights"]
 
 
 def test_deepspeed_checkpoint_resumes_to_the_same_run(tmp_path):

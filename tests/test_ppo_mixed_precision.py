@@ -120,5 +120,5 @@ def test_reference_model_without_lora_gets_the_copies(tok):
     queries = make_queries(tok, 4)
     responses = trainer.generate(queries, return_prompt=False, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=4)
     trainer.step(queries, responses, [torch.tensor(1.0)] * 4)
-    copied = set(trainer._bf16._copies)  # ids of the weights with a bf16 copy
+    copied = set(trainer.precision.autocast._copies)  # ids of the weights with a bf16 copy
     assert copied and copied <= {id(p) for p in trainer.ref_model.parameters()}

@@ -19,6 +19,9 @@ def test_two_process_ppo_steps(tmp_path):
     results = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
     assert results[0]["kl"] == pytest.approx(results[1]["kl"])  # KL averaged over ranks
     assert results[0]["kl_coef"] == pytest.approx(results[1]["kl_coef"])  # one beta everywhere
+    # TRL 0.11's statistics are averaged over the processes (its gather_stats): one figure on every rank
+    assert results[0]["loss_total"] == results[1]["loss_total"]
+    assert results[0]["mean_raw_scores"] == results[1]["mean_raw_scores"] == pytest.approx(2.0)
     for res in results:
         assert res["world"] == 2 and res["wrapped"] == "DistributedDataParallel"
         assert res["same_weights"] and res["moved"]

@@ -1,7 +1,9 @@
 """PPOTrainer: TRL-0.11 numerics of the rollout layout, the fixes behind their options,
 and the guards."""
 
+import copy
 import json
+import logging
 import math
 import warnings
 
@@ -165,31 +167,68 @@ def test_temperature_used_in_logprobs(tok):
     assert fixed._logprob_temperature() == 0.7
 
 
-def test_rollouts_run_with_dropout_off(tok):
-    def rollout_twice(eval_mode):
+def test_rollout_passes_always_run_with_dropout_off_and_sampling_by_option(tok):
+    """TRL 0.11's rollout passes ran in eval mode (``batched_forward_pass`` calls ``model.eval()``)
+    and so do these, whatever the option; ``rollout_in_eval_mode`` is about sampling, which TRL
+    did in train mode after the first update (False reproduces that)."""
+    def run(eval_mode):
         policy = make_policy(tok, lora=True, lora_dropout=0.5, value_head_dropout=0.5)
         trainer = make_trainer(tokenizer=tok, policy=policy, rollout_in_eval_mode=eval_mode)
         with torch.no_grad():
             for n, p in policy.named_parameters():
                 if "lora_B" in n:
                     p.normal_(std=0.5)
-        seen = []
-        hook = policy.causal_lm.model.layers[0].register_forward_pre_hook(lambda m, a: seen.append(policy.pretrained_model.training))
+        seen = {"sampling": [], "rollout": []}
+        phase = ["sampling"]
+        hook = policy.causal_lm.model.layers[0].register_forward_pre_hook(
+            lambda m, a: seen[phase[0]].append(policy.pretrained_model.training))
         policy.train()  # as after an update
         queries, responses = rollout(trainer)
+        phase[0] = "rollout"
         batch = trainer._make_batch(queries, responses)
         a = trainer._rollout_forward(batch, 1.0)
         b = trainer._rollout_forward(batch, 1.0)
         hook.remove()
         return a, b, seen, policy.training
 
-    a, b, seen, still_training = rollout_twice(True)
-    assert not any(seen) and still_training  # sampled and scored in eval mode, mode restored
-    torch.testing.assert_close(a[0], b[0])
-    torch.testing.assert_close(a[1], b[1])
-    a, b, seen, _ = rollout_twice(False)  # TRL 0.11: dropout active
-    assert all(seen)
-    assert not torch.equal(a[1], b[1])
+    for eval_mode in (True, False):
+        a, b, seen, still_training = run(eval_mode)
+        assert seen["sampling"] and all(t != eval_mode for t in seen["sampling"])  # False: dropout on, as TRL
+        assert seen["rollout"] and not any(seen["rollout"])
+        assert still_training  # each pass restores the mode it found
+        for x, y in zip(a, b):  # no dropout noise: the same numbers twice
+            assert torch.equal(x, y)
+
+
+def test_recipe_dropouts_with_learning_rate_zero_leave_ratio_one(tok):
+    """The recipe's dropouts (LoRA 0.05, value head 0.1) and a learning rate of 0: the weights
+    never move, so the update passes must compute exactly ``log pi_old`` and ``V_old``: ratio 1,
+    approxkl 0, no policy or value clipping (TRL 0.11 ran its update passes in eval mode).
+    ``dropout_in_updates`` turns dropout on there, and then the same step clips values."""
+    def step(**overrides):
+        policy = make_policy(tok, lora=True, lora_dropout=0.05, value_head_dropout=0.1)
+        with torch.no_grad():
+            for n, p in policy.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(std=0.3)  # policy != reference
+        trainer = make_trainer(tokenizer=tok, policy=policy, learning_rate=0.0, batch_size=8, mini_batch_size=2,
+                               ppo_epochs=2, **overrides)
+        queries, responses = rollout(trainer, n=8, max_new_tokens=8)
+        snap = trainable_snapshot(trainer)
+        stats = trainer.step(queries, responses, [torch.tensor(float(i)) for i in range(8)])
+        assert same_weights(trainer, snap)
+        return stats
+
+    exact = step(reuse_generation_logprobs=False)  # log pi_old from a rollout pass: the same computation
+    assert exact["ppo/policy/ratio_mean"] == 1.0 and exact["ppo/policy/approxkl"] == 0.0
+    assert exact["ppo/policy/policykl"] == 0.0
+    assert exact["ppo/policy/clipfrac"] == 0.0 and exact["ppo/val/clipfrac"] == 0.0
+    reused = step()  # log pi_old from the sampling passes (fp32): equal to float rounding
+    assert reused["ppo/policy/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert reused["ppo/policy/approxkl"] < 1e-12
+    assert reused["ppo/policy/clipfrac"] == 0.0 and reused["ppo/val/clipfrac"] == 0.0
+    noisy = step(dropout_in_updates=True, reuse_generation_logprobs=False)
+    assert noisy["ppo/val/clipfrac"] > 0.01 and noisy["ppo/policy/approxkl"] > 1e-5
 
 
 @pytest.mark.parametrize("reuse", [True, False])
@@ -281,9 +320,39 @@ def test_score_scaling_norm_clip_and_whiten_rewards(tok):
     trainer = make_trainer(tokenizer=tok, use_score_scaling=True, ppo_epochs=1)
     stats = trainer.step(queries, responses, scores)
     assert stats["ppo/mean_scores"] == pytest.approx(3.0 / torch.tensor([1.0, 2, 3, 6]).std().item(), rel=1e-5)
-    trainer = make_trainer(tokenizer=tok, score_clip=2.5, whiten_rewards=True, ppo_epochs=1)
+    trainer = make_trainer(tokenizer=tok, score_clip=2.5, ppo_epochs=1)
     stats = trainer.step(queries, responses, scores)
     assert stats["ppo/mean_scores"] == pytest.approx((1 + 2 + 2.5 + 2.5) / 4)
+
+
+def test_whiten_rewards_scales_the_per_token_rewards_to_unit_variance(tok, monkeypatch):
+    """``whiten_rewards`` (TRL's, scale only): the per-token rewards GAE receives have a masked
+    variance of 1 (Bessel) and keep their mean; the scores themselves are not touched."""
+    from stackllama.ppo import core
+
+    seen = []
+    gae = core.gae
+    monkeypatch.setattr(core, "gae", lambda rewards, values, mask, *a: seen.append((rewards, mask)) or gae(rewards, values, mask, *a))
+    scores = [torch.tensor(x) for x in (1.0, 2.0, 3.0, 6.0)]
+    policy = make_policy(tok)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.3)  # a KL penalty at every token, not only the scores
+    queries = make_queries(tok, 4)
+    responses = [torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10]), torch.tensor([11, 12, 13]), torch.tensor([14])]
+    plain, whitened = {}, {}
+    for whiten, out in ((False, plain), (True, whitened)):
+        trainer = make_trainer(tokenizer=tok, policy=copy.deepcopy(policy), whiten_rewards=whiten, ppo_epochs=1)
+        out["stats"] = trainer.step(queries, responses, scores)
+        out["rewards"], out["mask"] = seen.pop()
+    mask = whitened["mask"]
+    assert core.masked_var(plain["rewards"], mask).item() > 2  # the scores 1..6 dominate
+    assert core.masked_var(whitened["rewards"], mask).item() == pytest.approx(1.0, rel=1e-5)
+    assert core.masked_mean(whitened["rewards"], mask).item() == pytest.approx(
+        core.masked_mean(plain["rewards"], mask).item(), rel=1e-5)
+    assert whitened["stats"]["ppo/mean_scores"] == plain["stats"]["ppo/mean_scores"] == 3.0
+    assert whitened["stats"]["ppo/returns/mean"] != pytest.approx(plain["stats"]["ppo/returns/mean"], rel=1e-3)
 
 
 def test_early_stopping_on_policy_kl(tok):
@@ -353,11 +422,16 @@ def test_nan_loss_and_nan_gradient_never_reach_weights(tok):
         bias.copy_(snap["v_head.summary.bias"])
     assert same_weights(trainer, snap)
 
-    lora_b = next(p for n, p in trainer.unwrapped_model.named_parameters() if "lora_B" in n)
-    handle = lora_b.register_hook(lambda g: g * float("nan"))
-    with pytest.raises(NonFiniteError, match="gradient"):
+    # A gradient that backward computes as NaN (the hook stands for the bad arithmetic), in
+    # the second minibatch of an accumulation window: caught before the step, the parameter named
+    policy = make_policy(tok)
+    name, lora_b = [(n, p) for n, p in policy.named_parameters() if "lora_B" in n][3]
+    calls = []
+    lora_b.register_hook(lambda g: calls.append(1) or (g * float("nan") if len(calls) == 2 else g))
+    trainer = make_trainer(tokenizer=tok, policy=policy, gradient_accumulation_steps=2)
+    snap = trainable_snapshot(trainer)
+    with pytest.raises(NonFiniteError, match=f"PPO step 1 stopped: .* in the gradient of {name}; "):
         trainer.step(queries, responses, ones(4))
-    handle.remove()
     assert same_weights(trainer, snap)
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     assert len(inner.state) == 0  # the optimizer never stepped
@@ -579,3 +653,58 @@ def test_fsdp_is_refused_with_the_alternative(tok, monkeypatch):
     monkeypatch.setattr(trainer_module, "Accelerator", FSDPAccelerator)
     with pytest.raises(ValueError, match="does not run under FSDP.*deepspeed_zero3.yaml"):
         PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=2), make_policy(tok), None, tok)
+
+
+def test_stats_under_trl_keys_mean_what_trl_logs(tok):
+    """``ppo/loss/value`` is TRL's unscaled value loss (the total adds ``vf_coef`` times it) and
+    ``ppo/mean_non_score_reward`` the mean of ``-beta KL_t`` over all response tokens (TRL's
+    ``masked_mean``), not over rows of per-row sums."""
+    policy = make_policy(tok)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.3)
+    trainer = make_trainer(tokenizer=tok, policy=policy, batch_size=3, mini_batch_size=3, ppo_epochs=1)
+    queries = make_queries(tok, 3, seed=2)
+    responses = [torch.tensor([5, 6, 7, 8, 9, 10]), torch.tensor([9]), torch.tensor([11, 12, tok.eos_token_id])]
+    stats = trainer.step(queries, responses, [torch.tensor(x) for x in (2.0, -1.0, 0.5)])
+    assert stats["ppo/loss/value"] > 1e-3
+    assert stats["ppo/loss/total"] == pytest.approx(stats["ppo/loss/policy"] + 0.1 * stats["ppo/loss/value"], rel=1e-5)
+    lengths = torch.tensor([len(r) for r in responses])
+    mask = (torch.arange(6)[None, :] < lengths[:, None]).float()
+    kl = (stats["objective/logprobs"] - stats["objective/ref_logprobs"]) * mask
+    per_token = (-0.2 * kl).sum() / mask.sum()
+    assert stats["ppo/mean_non_score_reward"] == pytest.approx(per_token.item(), rel=1e-5)
+    assert abs((-0.2 * kl).sum(-1).mean() - per_token) > 1e-3  # the two meanings differ here
+
+
+def test_logprob_reuse_follows_the_computation(tok, caplog):
+    """``log pi_old`` / ``V_old`` come from the sampling passes only where those compute a rollout
+    pass's numbers (fp32, no autocast, no dropout while sampling); the log says which way and why."""
+    from peft import LoraConfig, get_peft_model
+
+    with caplog.at_level(logging.INFO, logger="stackllama.ppo.trainer"):
+        fp32 = make_trainer(tokenizer=tok)
+    assert fp32.reuse_blocker is None
+    assert "PPO passes: no autocast; log pi_old and V_old: taken from the sampling passes" in caplog.text
+    caplog.clear()
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    bf16_base = AutoModelForCausalLMWithValueHead(get_peft_model(make_model(tok).to(torch.bfloat16), lora))
+    with caplog.at_level(logging.INFO, logger="stackllama.ppo.trainer"):
+        trainer = make_trainer(tokenizer=tok, policy=bf16_base)
+    assert "recomputed by a rollout pass (the policy's weights are bfloat16" in caplog.text
+    rollout(trainer)
+    assert trainer._generation_cache is None  # nothing captured to be reused
+    assert "bf16 autocast (PPOConfig.bf16_autocast)" in make_trainer(tokenizer=tok, bf16_autocast=True).reuse_blocker
+    dropout = make_policy(tok, lora_dropout=0.1)
+    assert "dropout" in make_trainer(tokenizer=tok, policy=dropout, rollout_in_eval_mode=False).reuse_blocker
+    assert make_trainer(tokenizer=tok, policy=make_policy(tok, lora_dropout=0.1)).reuse_blocker is None
+    assert make_trainer(tokenizer=tok, rollout_in_eval_mode=False).reuse_blocker is None  # no dropout anywhere
+
+
+def test_bf16_trainable_weights_are_refused_outside_deepspeed(tok):
+    """Adam on bf16 parameters without an fp32 master copy: steps of the learning rate's size
+    round away. Refused, naming the ways that train in bf16 correctly."""
+    policy = make_policy(tok, lora=False).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"bfloat16 .*no fp32 master copy.*--bf16_autocast.*--use_peft.*deepspeed_zero2"):
+        make_trainer(tokenizer=tok, policy=policy)

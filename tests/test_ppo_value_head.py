@@ -167,3 +167,66 @@ def test_scaled_logits_model_with_a_frozen_reference_starts_at_zero_kl(tok):
     queries, responses = rollout(trainer)
     stats = trainer.step(queries, responses, [torch.tensor(1.0)] * 4)
     assert abs(stats["objective/kl"]) < 1e-5
+
+
+@pytest.mark.parametrize("gpu, local_rank, expected", [(False, 0, {"": "cpu"}), (True, 5, {"": 5})])
+def test_quantized_base_is_placed_on_this_process_device(tmp_path, monkeypatch, gpu, local_rank, expected):
+    """An 8/4-bit base goes to the process's own device (``device_map={"": local_process_index}``, as
+    stackllama.modeling does for every stage): with eight ranks, TRL's ``{"": "cuda"}`` put all eight
+    copies on GPU 0. The map is checked as requested from transformers (no GPU here)."""
+    import accelerate
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from stackllama import modeling
+
+    class Rank:
+        local_process_index = local_rank
+
+    monkeypatch.setattr(modeling, "accelerator_available", lambda: gpu)
+    monkeypatch.setattr(accelerate, "PartialState", Rank)
+    requested = []
+
+    def from_pretrained(name, **kwargs):
+        requested.append(kwargs.get("device_map"))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    with pytest.raises(RuntimeError, match="stop here"):
+        AutoModelForCausalLMWithValueHead.from_pretrained(str(tmp_path), quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    assert requested == [expected]
+
+
+def test_dropout_off_keeps_gradient_checkpointing_and_restores_modes(tok):
+    """``dropout_off`` (every pass of the PPO step): no dropout module in training mode, but a
+    layer with gradient checkpointing keeps its training flag, since transformers checkpoints
+    only layers in training mode; every flag comes back after."""
+    import contextlib
+
+    from torch import nn
+
+    from stackllama.ppo.value_head import dropout_off
+
+    policy = make_policy(tok, lora=True, lora_dropout=0.5, value_head_dropout=0.5)
+    policy.gradient_checkpointing_enable({"use_reentrant": False})
+    ids = torch.randint(4, 30, (2, 7))
+
+    def saved_tensors(context) -> int:
+        """Tensors the forward keeps for backward outside checkpointed layers (few when checkpointing)."""
+        packed = []
+        with context, torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(1) or t, lambda t: t):
+            policy(input_ids=ids)
+        return len(packed)
+
+    policy.train()
+    before = {name: m.training for name, m in policy.named_modules()}
+    layer = policy.causal_lm.model.layers[0]
+    with dropout_off(policy):
+        assert layer.training and not layer.mlp.training and not policy.v_head.training
+        assert not any(m.training for m in policy.modules() if isinstance(m, nn.Dropout))
+        a, b = policy(input_ids=ids)[1], policy(input_ids=ids)[1]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # no dropout noise
+    assert {name: m.training for name, m in policy.named_modules()} == before
+    checkpointed = saved_tensors(dropout_off(policy))
+    assert checkpointed <= saved_tensors(contextlib.nullcontext())  # as in train mode (less the dropout masks)
+    policy.eval()
+    assert saved_tensors(contextlib.nullcontext()) > 3 * checkpointed  # plain eval(): no checkpointing

@@ -145,6 +145,40 @@ def test_reward_text_path_for_another_tokenizer():
         RewardFunction(reward_model(other), other, policy_tokenizer=tok, fast_path="on")
 
 
+def test_reward_fast_path_falls_back_when_bpe_reencoding_differs(caplog):
+    """The project's own byte-level BPE tokenizer (the tiny model's): the query ends with a space,
+    its own token when the query is encoded alone ("Answer: " + "brew") but merged into the
+    next word when the text is re-encoded ("Answer:" + " brew"), as the reward model was trained.
+    'auto' sees the mismatch on the first batch and keeps the text pipeline for the run."""
+    import logging
+
+    from stackllama.data.template import format_prompt
+    from stackllama.tiny_model import train_tokenizer
+
+    corpus = [format_prompt(q) + a for q, a in [("How do I brew cold coffee?", "brew it cold for a day."),
+                                                  ("Which beans for espresso?", "dark roast beans, ground fine."),
+                                                  ("Is tea better than coffee?", "brew both and taste them.")]] * 20
+    tok = train_tokenizer(corpus, vocab_size=400)
+    questions = ["How do I brew cold coffee?", "Which beans for espresso?", "Is tea better than coffee?"]
+    queries = [torch.tensor(tok(format_prompt(q))["input_ids"]) for q in questions]
+    responses = [torch.tensor(tok(a, add_special_tokens=False)["input_ids"])
+                 for a in ("brew it cold", "dark roast", "taste them")]
+    texts = [format_prompt(q) + tok.decode(r, skip_special_tokens=True) for q, r in zip(questions, responses)]
+    assert tok(texts[0])["input_ids"] != torch.cat([queries[0], responses[0]]).tolist()  # the premise
+    fn = RewardFunction(reward_model(tok), tok, policy_tokenizer=tok, batch_size=2)
+    assert fn.shares_tokenizer and fn.use_fast_path is None
+    by_text, by_ids = fn.score_texts(texts), fn.score_token_ids(queries, responses)
+    assert max(abs(a - b) for a, b in zip(by_text, by_ids)) > 1e-4  # the paths read different tokens
+    with caplog.at_level(logging.INFO, logger="stackllama.reward_function"):
+        scores = fn(texts, queries, responses)
+    assert fn.use_fast_path is False
+    assert scores == pytest.approx(by_text, abs=1e-6)
+    assert "differs from the policy's ids in 3 of 3 texts" in caplog.text
+    assert fn(texts, queries, responses) == pytest.approx(by_text, abs=1e-6)  # decided once, for the run
+    forced = RewardFunction(reward_model(tok), tok, policy_tokenizer=tok, fast_path="on")
+    assert forced(texts, queries, responses) == pytest.approx(by_ids, abs=1e-6)
+
+
 # --------------------------------------------------------------------------- the script
 
 

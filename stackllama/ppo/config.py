@@ -5,6 +5,16 @@ every default reproduces TRL 0.11's ``PPOTrainer.step`` *except* the options mar
 **[fix]**: those correct what the old trainer got wrong. Each fix is chosen so that it
 changes nothing for the recipe's own settings when the old behaviour was already right
 (temperature 1, no dropout, finite ratios) and only matters where the old one was wrong.
+Options marked **[not TRL]** leave TRL 0.11's behaviour for something else that some users
+want; they are off by default.
+
+Dropout, as TRL 0.11 ran it: its rollout passes (``log pi_old``, ``V_old``, ``log pi_ref``)
+and its update passes (``log pi_theta``, ``V_theta`` for the losses) all ran in eval mode
+(``batched_forward_pass`` calls ``model.eval()``), so the recipe's LoRA dropout (0.05) and
+value-head dropout (0.1) never touched a loss; only sampling after the first step ran in train
+mode, because ``train_minibatch`` left the model there. Here every pass of ``step`` runs with
+dropout off, and so does sampling (``rollout_in_eval_mode``, a fix); ``dropout_in_updates``
+turns dropout on in the update passes.
 """
 
 from __future__ import annotations
@@ -31,16 +41,17 @@ class PPOConfig:
     """Extra ``accelerate.Accelerator`` arguments, e.g. ``{"mixed_precision": "bf16"}``."""
     project_kwargs: dict = field(default_factory=dict)
     bf16_autocast: bool = False
-    """Run every forward pass (sampling, rollout, updates) under bf16 autocast (accelerate
-    ``mixed_precision="bf16"``); log-probs, values and losses stay fp32. Off by default:
-    the recipe's numerics are fp32 (its 8-bit base computes in fp16/fp32). Implemented
-    with ``torch.autocast`` (not accelerate's ``mixed_precision``, whose process-wide state
-    cannot change once set). On CPU, frozen weights are cast once and attention runs in
-    fp32 (:mod:`stackllama.ppo.mixed_precision`), and the rollout pass is recomputed rather
-    than taken from sampling (see ``reuse_generation_logprobs``). On a GPU, load the weights
-    in bf16 (``--dtype bfloat16``) instead: on an H100 the tiny model's PPO step took 2.3 s
-    under autocast against 0.45 s in fp32 (the rollout and update passes 10x slower; the
-    cause was not established)."""
+    """Run every forward pass (sampling, rollout, reference, updates) under bf16 autocast;
+    log-probs, values and losses stay fp32, and so do the trainable weights. The same regime
+    applies when accelerate's ``mixed_precision`` is ``bf16`` (``accelerate launch
+    --mixed_precision bf16``, every shipped accelerate config): this option is for runs
+    without it. Implemented with ``torch.autocast`` around every pass, the sampling loop and
+    an explicit reference model included (accelerate autocasts only the model it prepared).
+    On CPU, frozen weights are cast once and attention runs in fp32
+    (:mod:`stackllama.ppo.mixed_precision`). Under any autocast the rollout pass is recomputed
+    rather than taken from sampling (see ``reuse_generation_logprobs``). On a GPU with LoRA, a
+    bf16 base (``--dtype bfloat16``) is the cheaper way to bf16: the frozen weights are stored
+    in bf16 once, the adapters stay fp32 (see benchmarks/RESULTS.md for measured steps)."""
     ds3_gather_for_generation: bool = True
     """Under DeepSpeed ZeRO-3, gather the whole weights on every process for each ``generate``
     call (fast; needs the unsharded model to fit on one device). False: generate on the
@@ -149,20 +160,27 @@ class PPOConfig:
     """Temperature of the log-probs; None: the one the last ``generate`` call sampled with
     (1.0 before any call). Set it when responses come from elsewhere."""
     rollout_in_eval_mode: bool = True
-    """**[fix]** Generate and compute the rollout log-probs/values with dropout off. TRL 0.11
-    left the model in train mode after the first update, so LoRA / value-head dropout was
-    active while sampling and in ``pi_old``. Updates still run in train mode (TRL)."""
+    """**[fix]** Sample with dropout off. TRL 0.11 left the model in train mode after the
+    first update, so LoRA / value-head dropout was active while it sampled (its rollout
+    passes, ``log pi_old`` / ``V_old`` / ``log pi_ref``, ran in eval mode, as they always do
+    here). False: sample in the mode the model is in (train mode after an update, as TRL)."""
+    dropout_in_updates: bool = False
+    """**[not TRL]** Keep dropout on in the update passes' forward and backward (``log
+    pi_theta`` and ``V_theta`` for the losses). False (TRL 0.11, and the N implementation
+    details, which train without dropout): dropout off there too, so that with the weights
+    unchanged the ratio is exactly 1 and the value and policy clip fractions 0; with it on,
+    dropout noise alone moves the ratio and clips values before any update."""
     reuse_generation_logprobs: bool = True
     """Speed: take ``log pi_old`` and ``V_old`` of the responses from the forward passes
-    sampling already ran (the last hidden state and logits at each sampled token),
-    instead of a second no-grad pass of the policy. Equal to the recomputed values to
-    float tolerance in fp32 (KV cache vs full pass; tested). Used only when ``step``
-    receives exactly the responses of the last ``generate`` call and no update happened
-    in between, and not with ``kl_penalty="full"``, ``bf16_autocast``, a 4/8-bit base or
-    DeepSpeed ZeRO-3; otherwise the pass is recomputed. Not under bf16: there the two
-    passes round differently (mean |diff| about 1e-3 nats per token), and although that
-    looks small, reward and KL curves then left fp32's by 2-2.8 standard errors over 10
-    seeds (``benchmarks/ppo_bf16_curves.py``); recomputed, they stay within 0.8."""
+    sampling already ran (the last hidden state and logits at each sampled token), instead
+    of a second no-grad pass of the policy, where the two compute the same numbers: fp32
+    weights and no autocast (neither ``bf16_autocast`` nor accelerate's mixed precision,
+    nor a bf16 DeepSpeed engine), no 4/8-bit base, no ZeRO-3, no dropout while sampling,
+    not ``kl_penalty="full"`` (:mod:`stackllama.ppo.logprob_reuse`; the log says which way
+    it went and why). There they agree to fp32 rounding (KV cache vs full pass; tested).
+    Used only when ``step`` receives exactly the responses of the last ``generate`` call.
+    Elsewhere the two passes round differently, enough to move the reward and KL curves
+    (``benchmarks/ppo_bf16_curves.py``), so the pass is recomputed."""
     position_ids_from_attention_mask: bool = True
     """**[fix]** Pass ``position_ids = cumsum(attention_mask) - 1`` in every forward pass, so
     that left padding does not shift positions (``generate`` already does this). TRL 0.11

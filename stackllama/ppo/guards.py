@@ -26,6 +26,81 @@ def check_finite(name: str, tensor: torch.Tensor, hint: str = "", step: int | No
         )
 
 
+def refuse_low_precision_training(named_parameters) -> None:
+    """Refuse trainable bf16/fp16 parameters outside DeepSpeed (call it only there).
+
+    ``torch.optim.Adam`` updates a parameter in its own dtype: with bf16 weights (8 bits of
+    mantissa) an update of ``lr = 1.4e-5`` times a unit-scale step is below half an ulp of most
+    weights and rounds away, so full fine-tuning of a bf16 model under plain DDP hardly moves.
+    DeepSpeed keeps fp32 master weights for bf16 training; LoRA adapters and the value head
+    are fp32 unless asked otherwise."""
+    low = [name for name, p in named_parameters if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)]
+    if low:
+        dtype = dict(named_parameters)[low[0]].dtype
+        raise ValueError(
+            f"{len(low)} trainable parameter(s) are {str(dtype).replace('torch.', '')} (e.g. {low[0]}): the optimizer "
+            "would update them with no fp32 master copy, and updates of the learning rate's size round away. Load "
+            "the weights in fp32 (--dtype float32) and compute in bf16 with --bf16_autocast or accelerate's "
+            "--mixed_precision bf16, train LoRA adapters (--use_peft), or use DeepSpeed "
+            "(accelerate_configs/deepspeed_zero2.yaml), which keeps fp32 master weights."
+        )
+
+
+class GradientGuard:
+    """Finds NaN/inf gradients before the optimizer step, naming the parameter, under any backend.
+
+    A tensor hook on every trainable parameter folds "this gradient is finite" into one flag
+    per parameter as backward computes it (no device sync). The check runs on each process's
+    own gradients before any reduction, so it works the same under DDP and under DeepSpeed,
+    whose reduced gradients live in its own partitioned buffers rather than in ``p.grad``.
+    :meth:`first_nonfinite` reduces the flags over the processes, so that every process stops
+    at the same step, and names the first parameter whose gradient was bad on any of them."""
+
+    def __init__(self, named_parameters) -> None:
+        self.names: list[str] = []
+        self._flags: dict[int, torch.Tensor] = {}
+        self._handles = []
+        for name, param in named_parameters:
+            if param.requires_grad:
+                index = len(self.names)
+                self.names.append(name)
+                self._handles.append(param.register_hook(self._hook(index)))
+
+    def _hook(self, index: int):
+        def hook(grad: torch.Tensor | None) -> None:
+            if grad is None:  # some autograd functions (bitsandbytes') hand hooks no gradient
+                return
+            bad = ~torch.isfinite(grad).all()
+            previous = self._flags.get(index)
+            self._flags[index] = bad if previous is None else previous | bad
+
+        return hook
+
+    def first_nonfinite(self, device, reduce=None) -> str | None:
+        """The name of the first parameter with a NaN/inf gradient since the last call, on this
+        process or (``reduce``: a sum over processes of a tensor on ``device``, e.g.
+        ``accelerator.reduce(x, "sum")``) on any; resets the flags."""
+        flags, self._flags = self._flags, {}
+        if not self.names:
+            return None
+        vector = torch.zeros(len(self.names), device=device)
+        for index, flag in flags.items():
+            vector[index] = flag.to(device).float()
+        if reduce is not None:
+            vector = reduce(vector)
+        bad = vector.nonzero()
+        return None if len(bad) == 0 else self.names[int(bad[0, 0])]
+
+    def reset(self) -> None:
+        """Forget the flags (a step that stopped half-way leaves none behind for the next)."""
+        self._flags = {}
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 def stopped(step: int | None) -> str:
     """The head of every NaN/inf message: the stage and, when known, the step (counted from 1)."""
     return "PPO step stopped" if step is None else f"PPO step {step} stopped"

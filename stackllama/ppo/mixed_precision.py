@@ -1,6 +1,15 @@
-"""bf16 autocast for the PPO passes (``PPOConfig.bf16_autocast``), with two CPU speedups.
+"""The precision every PPO pass runs in, and bf16 autocast with two CPU speedups.
 
-On a GPU this is plain ``torch.autocast(dtype=bfloat16)``. On a CPU two things made bf16
+One regime for every pass (:func:`precision_regime`): sampling, the policy's rollout pass, the
+reference pass (adapters disabled or a separate model) and the update passes all run under the
+same autocast, so that the policy and the reference, and ``pi_old`` and ``pi_theta``, are the
+same computation while the weights are the same (a KL of exactly 0 at the first step, a ratio of
+exactly 1 before the weights move). Accelerate's ``mixed_precision`` autocasts only calls
+through the model it prepared; the sampling loop and an explicit reference model are called
+directly, so the trainer enters the regime itself around each of them.
+
+bf16 autocast (``PPOConfig.bf16_autocast``, or accelerate's ``mixed_precision="bf16"``): on a
+GPU this is plain ``torch.autocast(dtype=bfloat16)``. On a CPU two things made bf16
 barely faster than fp32 there (``benchmarks/ppo_step.py --bf16``), and are changed:
 
 - **Frozen weights are cast once.** Autocast caches its bf16 copy of a weight only for
@@ -22,7 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Iterable, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -121,3 +131,36 @@ class Bf16Autocast:
         finally:
             for config in configs:
                 config._attn_implementation = "sdpa"
+
+
+@dataclass
+class PrecisionRegime:
+    """``with regime():`` around every forward pass of the PPO step (see the module docstring)."""
+
+    name: str
+    """What runs, for the log: ``fp32 (no autocast)``, ``bf16 autocast (...)``, ``fp16 autocast (...)``."""
+    autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None
+    """The context factory, None for no autocast."""
+    kv_cache_dtype: Optional[torch.dtype] = None
+    """The dtype sampling keeps its KV cache in (None: as computed)."""
+
+    def __call__(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if self.autocast is None else self.autocast()
+
+
+def precision_regime(accelerator, bf16_autocast: bool, models: Iterable[nn.Module], cpu_speedups: bool = True) -> PrecisionRegime:
+    """The one autocast regime of a PPO run: bf16 autocast when ``bf16_autocast`` is set or
+    accelerate autocasts in bf16 (``--mixed_precision bf16``, every shipped accelerate config),
+    fp16 autocast as accelerate does for ``fp16``, else none. Under DeepSpeed accelerate does
+    not autocast (the engine casts the weights themselves, for every pass alike), so neither
+    does this, unless ``bf16_autocast`` asks for it. ``models``: the policy and the reference
+    model (None skipped); ``cpu_speedups``: :class:`Bf16Autocast`'s, off under DeepSpeed."""
+    amp = accelerator.mixed_precision if accelerator.native_amp else "no"
+    device_type = accelerator.device.type
+    if bf16_autocast or amp == "bf16":
+        why = "PPOConfig.bf16_autocast" if bf16_autocast else "accelerate mixed_precision=bf16"
+        bf16 = Bf16Autocast(models, device_type, cpu_speedups=cpu_speedups)
+        return PrecisionRegime(f"bf16 autocast ({why})", bf16, bf16.kv_cache_dtype)
+    if amp != "no":
+        return PrecisionRegime(f"{amp} autocast (accelerate mixed_precision={amp})", accelerator.autocast)
+    return PrecisionRegime("no autocast")

@@ -52,6 +52,7 @@ from .config import PPOConfig
 from .cpu_allocator import keep_freed_memory
 from .cpu_dropout import use_cpu_dropout
 from .guards import (
+    GradientGuard,
     NonFiniteError,
     check_finite,
     check_generation_kwargs,
@@ -59,14 +60,16 @@ from .guards import (
     effective_generation_param,
     flatten_stop_ids,
     negative_kl_message,
+    refuse_low_precision_training,
     stopped,
 )
 from .kl_controllers import AdaptiveKLController, FixedKLController
 from .last_layer import last_layer_from
+from .logprob_reuse import reuse_blocker
 from .merged_lora import merged_lora
-from .mixed_precision import Bf16Autocast
+from .mixed_precision import precision_regime
 from .optim import AdamTFStyle
-from .value_head import AutoModelForCausalLMWithValueHead, eval_mode, logits_transform
+from .value_head import AutoModelForCausalLMWithValueHead, causal_lm_logits, dropout_off
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +169,10 @@ class PPOTrainer:
         self.ref_model = ref_model
         self.tokenizer = tokenizer
 
-        params = [p for p in model.parameters() if p.requires_grad]
+        named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        params = [p for _, p in named_params]
+        if not self.is_deepspeed:
+            refuse_low_precision_training(named_params)
         if optimizer is None:
             betas = (cfg.adam_beta1, cfg.adam_beta2)
             if cfg.adam_eps_tf_style:
@@ -199,10 +205,18 @@ class PPOTrainer:
             use_cpu_dropout(self.unwrapped_model)  # the same masks, drawn at half the cost (cpu_dropout.py)
             if cfg.cpu_malloc_tuning:
                 keep_freed_memory()  # no page faults on every step's tensors (cpu_allocator.py)
-        self._bf16 = None
-        if cfg.bf16_autocast:
-            self._bf16 = Bf16Autocast([self.unwrapped_model, self.ref_model], self.accelerator.device.type,
-                                      cpu_speedups=not self.is_deepspeed)
+        # One autocast regime for sampling, the rollout, reference and update passes (mixed_precision.py)
+        self.precision = precision_regime(self.accelerator, cfg.bf16_autocast, [self.unwrapped_model, self.ref_model],
+                                          cpu_speedups=not self.is_deepspeed)
+        # log pi_old / V_old from the sampling passes only where those compute a rollout pass's numbers
+        self.reuse_blocker = reuse_blocker(cfg, self.unwrapped_model, self.precision, self.is_zero3)
+        logger.info("PPO passes: %s; log pi_old and V_old: %s", self.precision.name,
+                    "taken from the sampling passes" if self.reuse_blocker is None
+                    else f"recomputed by a rollout pass ({self.reuse_blocker})")
+        # NaN/inf gradients are refused before the optimizer step, naming the parameter; under fp16
+        # loss scaling an inf gradient is the scaler's business (it skips the step and lowers the scale)
+        fp16_scaled = self.accelerator.scaler is not None or (self.is_deepspeed and self.model.fp16_enabled())
+        self.gradient_guard = None if fp16_scaled else GradientGuard(named_params)
         self.base_lr = [g["lr"] for g in self.optimizer.param_groups]
 
         if cfg.adap_kl_ctrl:
@@ -229,38 +243,24 @@ class PPOTrainer:
     def _configure_deepspeed(self) -> None:
         """Under DeepSpeed the engine owns micro-batching, loss scaling and the optimizer step:
         give it the PPO geometry (one micro-batch = ``mini_batch_size`` sequences, a step every
-        ``gradient_accumulation_steps`` of them, clipping at ``max_grad_norm``), as TRL 0.11 did."""
+        ``gradient_accumulation_steps`` of them, clipping at ``max_grad_norm``), as TRL 0.11 did.
+        The trainer tells it each window's boundary and calls its step (``_backward``,
+        ``_optimizer_step``), so a window skipped by ``ratio_threshold`` does not step."""
         cfg = self.config
         ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = cfg.mini_batch_size
         ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
         ds["train_batch_size"] = cfg.backward_batch_size * self.accelerator.num_processes
         ds["gradient_clipping"] = cfg.max_grad_norm if cfg.max_grad_norm is not None else 0.0
-        if cfg.ratio_threshold_skips_step:
-            logger.info("DeepSpeed steps the optimizer itself: a minibatch skipped by ratio_threshold adds a zero "
-                        "gradient, and a window of only skipped minibatches still steps (as in TRL 0.11)")
 
     def _autocast(self):
-        """bf16 autocast around a forward pass when ``bf16_autocast``, else nothing (see
-        :mod:`.mixed_precision`)."""
-        if self._bf16 is None:
-            return contextlib.nullcontext()
-        return self._bf16()
+        """The run's one precision regime around a forward pass (:mod:`.mixed_precision`)."""
+        return self.precision()
 
     @property
     def _reuse_generation(self) -> bool:
-        cfg = self.config
-        return (
-            cfg.reuse_generation_logprobs
-            and cfg.kl_penalty != "full"
-            and not cfg.bf16_autocast
-            and not self.unwrapped_model.is_quantized
-            # the generate path reads the LM head's output, before a soft-capping / scaling
-            and logits_transform(self.unwrapped_model.config) is None
-            # ZeRO-3: the value head's shards would be needed mid-generation, when the ranks are
-            # out of step (different response lengths); the rollout pass recomputes them instead
-            and not self.is_zero3
-        )
+        """Whether ``step`` takes ``log pi_old`` / ``V_old`` from the sampling passes (:mod:`.logprob_reuse`)."""
+        return self.reuse_blocker is None
 
     @property
     def unwrapped_model(self) -> AutoModelForCausalLMWithValueHead:
@@ -303,8 +303,9 @@ class PPOTrainer:
 
         Each response is cut after its first EOS or stop token (kept; stop tokens only from
         position ``stop_after``). ``length_sampler()`` draws ``max_new_tokens`` per batch.
-        Dropout is off while sampling when ``rollout_in_eval_mode``. The sampling
-        temperature is recorded for the log-probs of the next ``step``.
+        Dropout is off while sampling when ``rollout_in_eval_mode``; sampling runs in the
+        run's precision regime, as every pass of ``step``. The sampling temperature is
+        recorded for the log-probs of the next ``step``.
         """
         single = isinstance(query_tensor, torch.Tensor) and query_tensor.dim() == 1
         queries = [query_tensor] if single else list(query_tensor)
@@ -338,7 +339,7 @@ class PPOTrainer:
         # as generate: an explicit eos_token_id=None in the call means no EOS stop
         eos_ids = flatten_stop_ids(generation_kwargs["eos_token_id"] if "eos_token_id" in generation_kwargs else gen_config.eos_token_id)
         merge = self.config.merge_lora_for_sampling and model.is_peft_model and not self.is_zero3
-        with (unwrapped as model, eval_mode(model, enabled=self.config.rollout_in_eval_mode),
+        with (unwrapped as model, dropout_off(model, enabled=self.config.rollout_in_eval_mode),
               merged_lora(model, enabled=merge)):
             for start in range(0, len(queries), batch_size):
                 chunk = [q.to(device) for q in queries[start : start + batch_size]]
@@ -351,7 +352,7 @@ class PPOTrainer:
                         new_tokens, logprobs, hidden = sampling.sample(
                             model.causal_lm, input_ids, attention_mask, kwargs["max_new_tokens"], self._sampling_temperature,
                             eos_ids, kwargs["pad_token_id"], logprob_temperature=self._logprob_temperature() if capture else None,
-                            cache_dtype=self._bf16.kv_cache_dtype if self._bf16 is not None else None,
+                            cache_dtype=self.precision.kv_cache_dtype,
                         )
                 else:
                     new_tokens, logprobs, hidden = self._transformers_generate(model, input_ids, attention_mask, capture, kwargs)
@@ -487,8 +488,10 @@ class PPOTrainer:
         t = time.perf_counter()
         beta = self.kl_ctl.value
         rewards, non_score_reward = core.per_token_rewards(scores, kl, mask, beta)
+        timing["time/ppo/compute_rewards"] = time.perf_counter() - t
 
         # --- 3. advantages: GAE, then whitening over the batch
+        t = time.perf_counter()
         if cfg.whiten_rewards:
             rewards = core.masked_whiten(rewards * mask, mask, shift_mean=False, unbiased=cfg.whiten_unbiased)
         advantages, returns = core.gae(rewards, values, mask, cfg.gamma, cfg.lam)
@@ -572,10 +575,9 @@ class PPOTrainer:
         am = batch.attention_mask[idx, Q - q_max : Q + r_max]
         pos = core.position_ids_from_attention_mask(am) if self.config.position_ids_from_attention_mask else None
         if ref and self.ref_model is not None:
-            decoder = self.ref_model.get_decoder() if hasattr(self.ref_model, "get_decoder") else None
-            with self._autocast(), last_layer_from(decoder, q_max - 1):
-                out = self.ref_model(input_ids=ids, attention_mask=am, position_ids=pos, logits_to_keep=r_max + 1, use_cache=False)
-            logits, values = out.logits[:, :-1], None
+            with self._autocast():
+                logits = self._reference_logits(ids, am, pos, q_max - 1, r_max)
+            values = None
         else:
             with self._autocast():
                 logits, values = model(
@@ -583,11 +585,25 @@ class PPOTrainer:
                 )
         return logits, values, ids[:, q_max:], r_max
 
+    def _reference_logits(self, ids, attention_mask, position_ids, start: int, length: int) -> torch.Tensor:
+        """Logits of the explicit reference model at ``[start, start + length)``: through the
+        policy's own path (:func:`causal_lm_logits`) for a plain ``*ForCausalLM``, so that a
+        frozen copy of the policy computes exactly the policy's numbers; any other module
+        (a DeepSpeed engine, a custom wrapper) through its own forward."""
+        ref = self.ref_model
+        if not self.is_deepspeed and hasattr(ref, "get_decoder") and hasattr(ref, "get_output_embeddings"):
+            return causal_lm_logits(ref, ids, attention_mask, position_ids, start, length)[0]
+        decoder = ref.get_decoder() if hasattr(ref, "get_decoder") else None
+        with last_layer_from(decoder, start):
+            out = ref(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+                      logits_to_keep=ids.shape[1] - start, use_cache=False)
+        return out.logits[:, :length]
+
     @torch.no_grad()
     def _rollout_forward(self, batch: RolloutBatch, temperature: float, cached: Optional[list] = None):
-        """No-grad passes in chunks: ``log pi_old``, ``V_old`` (one trunk pass, or taken from
-        ``generate`` when ``cached``), ``log pi_ref`` (adapters disabled, or the frozen
-        reference model) and the per-token KL."""
+        """No-grad passes in chunks, dropout off (as TRL 0.11's): ``log pi_old``, ``V_old`` (one
+        trunk pass, or taken from ``generate`` when ``cached``), ``log pi_ref`` (adapters
+        disabled, or the frozen reference model) and the per-token KL."""
         cfg = self.config
         B, R = batch.mask.shape
         chunk = cfg.rollout_chunk_size
@@ -598,7 +614,7 @@ class PPOTrainer:
         kl = torch.zeros(B, R, device=device)
         unwrapped = self.unwrapped_model
         full = cfg.kl_penalty == "full"
-        with eval_mode(unwrapped, enabled=cfg.rollout_in_eval_mode):
+        with dropout_off(unwrapped):
             for start in range(0, B, chunk):
                 rows = list(range(start, min(start + chunk, B)))
                 if cached is None:
@@ -644,10 +660,18 @@ class PPOTrainer:
     def _ppo_updates(self, batch, old_logprobs, old_values, advantages, returns, temperature) -> dict:
         """``ppo_epochs`` passes of shuffled minibatches; gradients summed over
         ``gradient_accumulation_steps`` minibatches per optimizer step; early stop on the
-        last minibatch's policy KL (> 1.5 x ``target_kl``) after an epoch."""
+        last minibatch's policy KL (> 1.5 x ``target_kl``) after an epoch.
+
+        Each minibatch's forward and backward run with dropout off unless
+        ``dropout_in_updates``: TRL 0.11 computed the update logits in eval mode too, so that
+        ``log pi_theta`` and ``log pi_old`` differ only by what the updates changed. The model
+        is left in train mode, as TRL left it (what sampling sees with ``rollout_in_eval_mode=False``)."""
         cfg = self.config
         B = batch.mask.shape[0]
-        self.unwrapped_model.train()
+        model = self.unwrapped_model
+        model.train()
+        if self.gradient_guard is not None:
+            self.gradient_guard.reset()
         all_stats: list[dict] = []
         n_opt_steps, n_skipped, epochs_run = 0, 0, 0
         for _ in range(cfg.ppo_epochs):
@@ -659,17 +683,15 @@ class PPOTrainer:
                 contributed = False
                 for j, rows in enumerate(micro):
                     last = j == len(micro) - 1
-                    if self.is_deepspeed:  # the engine steps at the boundary accelerate tells it
-                        sync = self._deepspeed_boundary(last)
-                    else:
-                        sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
-                    with sync:
-                        # A skipped last minibatch must still trigger DDP's gradient
-                        # all-reduce for the ones accumulated before it (zero-loss backward).
-                        sync_anyway = last and contributed and self.accelerator.num_processes > 1
+                    # DDP all-reduces at the window's last backward only; DeepSpeed is told the boundary itself
+                    sync = contextlib.nullcontext() if last or self.is_deepspeed else self.accelerator.no_sync(self.model)
+                    with sync, dropout_off(model, enabled=not cfg.dropout_in_updates):
+                        # A skipped last minibatch must still run the gradient reduction (DDP's
+                        # all-reduce, DeepSpeed's boundary) of the ones accumulated before it.
+                        sync_anyway = last and contributed and (self.accelerator.num_processes > 1 or self.is_deepspeed)
                         stats, did_backward, skipped = self._train_minibatch(
                             batch, rows, old_logprobs, old_values, advantages, returns, temperature,
-                            len(rows) / len(window), sync_anyway,
+                            len(rows) / len(window), last, sync_anyway,
                         )
                     all_stats.append(stats)
                     contributed |= did_backward
@@ -690,18 +712,11 @@ class PPOTrainer:
         out["ppo/epochs_run"] = epochs_run
         return out
 
-    @contextlib.contextmanager
-    def _deepspeed_boundary(self, last: bool):
-        """Marks whether this minibatch ends an accumulation window: accelerate's DeepSpeed
-        backward steps the engine when ``sync_gradients`` (as transformers' Trainer sets it)."""
-        self.accelerator.gradient_state._set_sync_gradients(last)
-        try:
-            yield
-        finally:
-            self.accelerator.gradient_state._set_sync_gradients(True)
-
-    def _train_minibatch(self, batch, rows, old_logprobs, old_values, advantages, returns, temperature, scale, sync_anyway=False):
-        """``loss = L_pg + vf_coef L_vf`` on one minibatch, backward unless skipped."""
+    def _train_minibatch(self, batch, rows, old_logprobs, old_values, advantages, returns, temperature, scale,
+                         boundary=True, sync_anyway=False):
+        """``loss = L_pg + vf_coef L_vf`` on one minibatch, backward unless skipped.
+        ``scale``: this minibatch's share of its accumulation window; ``boundary``: whether it
+        is the window's last."""
         cfg = self.config
         logits, vpred, labels, r = self._forward(self.model, batch, rows)
         idx = torch.as_tensor(rows, device=batch.mask.device)
@@ -730,15 +745,14 @@ class PPOTrainer:
                 f"({'no gradient, no optimizer step' if cfg.ratio_threshold_skips_step else 'loss zeroed as in TRL 0.11'}).",
                 stacklevel=2,
             )
-            if cfg.ratio_threshold_skips_step and not self.is_deepspeed:
+            if cfg.ratio_threshold_skips_step:
                 did_backward = False
                 if sync_anyway:
-                    self.accelerator.backward(loss * 0.0)
-            else:  # DeepSpeed counts every micro-batch's backward
-                self.accelerator.backward(loss * 0.0)
+                    self._backward(loss * 0.0, boundary)
+            else:
+                self._backward(loss * 0.0, boundary)
         else:
-            # DeepSpeed divides by its gradient_accumulation_steps itself
-            self.accelerator.backward(loss * (scale * cfg.gradient_accumulation_steps if self.is_deepspeed else scale))
+            self._backward(loss * scale, boundary)
 
         with torch.no_grad():
             entropy = core.masked_mean(entropy, m)
@@ -746,7 +760,7 @@ class PPOTrainer:
             return (
                 {
                     "ppo/loss/policy": z * pg_loss.item(),
-                    "ppo/loss/value": z * cfg.vf_coef * vf_loss.item(),
+                    "ppo/loss/value": z * vf_loss.item(),  # unscaled, as TRL logs it; the total has vf_coef
                     "ppo/loss/total": z * loss.item(),
                     "ppo/policy/entropy": entropy.item(),
                     "ppo/policy/approxkl": core.approx_kl(logprobs, old_lp, m).item(),
@@ -766,22 +780,35 @@ class PPOTrainer:
                 skipped,
             )
 
-    def _optimizer_step(self) -> None:
-        """Check the gradients, clip, step. A NaN/inf gradient never reaches the weights.
-        Under DeepSpeed the engine has already clipped and stepped in ``backward`` (its own
-        overflow check covers fp16 only)."""
+    def _backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        """The backend's backward. DeepSpeed's engine is called directly, told whether this
+        minibatch ends its accumulation window (it reduces the gradients then), and divides by
+        its ``gradient_accumulation_steps`` itself; its step waits for :meth:`_optimizer_step`,
+        after the gradient check."""
         if self.is_deepspeed:
+            self.model.set_gradient_accumulation_boundary(is_boundary=boundary)
+            self.model.backward(loss * self.config.gradient_accumulation_steps)
+        else:
+            self.accelerator.backward(loss)
+
+    def _optimizer_step(self) -> None:
+        """Refuse NaN/inf gradients (naming the parameter; all processes stop together), then
+        clip and step: ours, or under DeepSpeed the engine's (it clips at ``max_grad_norm``).
+        A NaN/inf gradient never reaches the weights or the optimizer state."""
+        if self.gradient_guard is not None:
+            multi = self.accelerator.num_processes > 1
+            bad = self.gradient_guard.first_nonfinite(
+                self.accelerator.device, (lambda x: self.accelerator.reduce(x, "sum")) if multi else None)
+            if bad is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteError(
+                    f"{stopped(self.current_step + 1)}: non-finite value (NaN/inf) in the gradient of {bad}"
+                    f"{' (on at least one process)' if multi else ''}; the gradients were discarded and the weights "
+                    "and optimizer state were not updated. Look for NaN/inf in logits or values, or lower the lr."
+                )
+        if self.is_deepspeed:
+            self.model.step()
             return
-        grads = [p.grad for p in self.trainable_params if p.grad is not None]
-        if not grads:
-            return
-        norm = torch.nn.utils.get_total_norm(grads)
-        if not torch.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteError(
-                f"{stopped(self.current_step + 1)}: non-finite gradient norm; the gradients were discarded and the weights "
-                "and optimizer state were not updated. Look for NaN/inf in logits or values, or lower the lr."
-            )
         if self.config.max_grad_norm is not None:
             self.accelerator.clip_grad_norm_(self.trainable_params, self.config.max_grad_norm)
         self.optimizer.step()
@@ -790,43 +817,50 @@ class PPOTrainer:
     # 5. statistics
     # =====================================================================================
     def _record_stats(self, batch, scores, raw_scores, logprobs, ref_logprobs, kl, non_score, beta, train_stats, ended, responses):
+        """The step's statistics. Under TRL 0.11's keys, TRL's quantities: with several processes
+        TRL averaged each of its tensor statistics over the processes (``gather_stats``), and so
+        does this; the README's table lists every key."""
         cfg = self.config
         mask = batch.mask
         kl_per_seq = (kl * mask).sum(-1)
-        mean_kl_t = kl_per_seq.mean()
-        if self.accelerator.num_processes > 1:  # one beta on every rank (TRL gathered it too)
-            mean_kl_t = self.accelerator.reduce(mean_kl_t, "mean")
-        mean_kl = mean_kl_t.item()
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True) if self.tokenizer is not None else None
         degenerate = degenerate_mask(
             [r.cpu() for r in responses], texts, cfg.degenerate_token_share, cfg.degenerate_line_share, cfg.degenerate_min_tokens
         )
-        degenerate_share = degenerate.float().mean().item()
         q_lens = torch.tensor(batch.query_lens, dtype=torch.float32)
         r_lens = torch.tensor(batch.response_lens, dtype=torch.float32)
 
         def std(x):
-            return x.std().item() if x.numel() > 1 else 0.0
+            return x.std() if x.numel() > 1 else torch.zeros((), device=x.device)
 
-        stats = {
-            "objective/kl": mean_kl,
+        averaged = {  # per process, then averaged over the processes
+            "objective/kl": kl_per_seq.mean(),
+            "objective/entropy": (-logprobs * mask).sum(-1).mean(),
+            "ppo/mean_non_score_reward": core.masked_mean(non_score, mask),
+            "ppo/mean_scores": scores.mean(),
+            "ppo/std_scores": std(scores),
+            "ppo/mean_raw_scores": raw_scores.mean(),
+            "env/missing_eos_share": (~ended).float().mean(),
+            "env/degenerate_share": degenerate.float().mean().to(scores.device),
+            **{k: torch.tensor(float(v), dtype=torch.float64, device=scores.device) for k, v in train_stats.items()
+               if k not in ("ppo/optimizer_steps", "ppo/skipped_minibatches", "ppo/epochs_run")},
+        }
+        values = torch.stack([v.double() for v in averaged.values()])
+        if self.accelerator.num_processes > 1:  # one call for all of them; one beta on every rank
+            values = self.accelerator.reduce(values, "mean")
+        stats = dict(zip(averaged, values.tolist()))
+        stats.update({
             "objective/kl_dist": kl_per_seq.cpu(),
             "objective/logprobs": logprobs.cpu(),
             "objective/ref_logprobs": ref_logprobs.cpu(),
             "objective/kl_coef": beta,
-            "objective/entropy": (-logprobs * mask).sum(-1).mean().item(),
-            "ppo/mean_non_score_reward": (non_score * mask).sum(-1).mean().item(),
-            "ppo/mean_scores": scores.mean().item(),
-            "ppo/std_scores": std(scores),
-            "ppo/mean_raw_scores": raw_scores.mean().item(),
             "tokens/queries_len_mean": q_lens.mean().item(),
-            "tokens/queries_len_std": std(q_lens),
+            "tokens/queries_len_std": std(q_lens).item(),
             "tokens/responses_len_mean": r_lens.mean().item(),
-            "tokens/responses_len_std": std(r_lens),
-            "env/missing_eos_share": (~ended).float().mean().item(),
-            "env/degenerate_share": degenerate_share,
-        }
-        stats.update(train_stats)
+            "tokens/responses_len_std": std(r_lens).item(),
+            **{k: train_stats[k] for k in ("ppo/optimizer_steps", "ppo/skipped_minibatches", "ppo/epochs_run")},
+        })
+        mean_kl, degenerate_share = stats["objective/kl"], stats["env/degenerate_share"]
         if mean_kl < -cfg.negative_kl_warning:
             warnings.warn(negative_kl_message(mean_kl), stacklevel=3)
         if degenerate_share > cfg.degenerate_share_threshold:

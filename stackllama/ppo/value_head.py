@@ -57,6 +57,43 @@ def logits_transform(config) -> str | None:
     return None
 
 
+def causal_lm_logits(
+    lm: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    logits_start: int = 0,
+    logits_len: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, hidden)`` of a ``*ForCausalLM`` at positions ``[logits_start, logits_start +
+    logits_len)`` only: the decoder's last hidden states there and the LM head on them. The
+    policy (through :class:`AutoModelForCausalLMWithValueHead`) and an explicit reference model
+    both go through here, so that while their weights are equal they compute the same numbers.
+    Models whose logits are more than ``lm_head(h)`` (:func:`logits_transform`) run their own
+    forward, and the decoder's output is caught on the way."""
+    decoder = lm.get_decoder()
+    end = input_ids.shape[1] if logits_len is None else logits_start + logits_len
+    if logits_transform(lm.config) is not None:
+        caught = []
+        handle = decoder.register_forward_hook(lambda module, args, output: caught.append(output[0]))
+        try:
+            with last_layer_from(decoder, logits_start):
+                logits = lm(
+                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                    logits_to_keep=input_ids.shape[1] - logits_start,
+                ).logits[:, : end - logits_start]
+        finally:
+            handle.remove()
+        return logits, caught[0][:, logits_start:end]
+    with last_layer_from(decoder, logits_start):  # positions before logits_start are not read
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+    # contiguous: the LM head is then one (n*len, H) x (H, V) matmul, not a slower batched one
+    hidden = hidden[:, logits_start:end].contiguous()
+    return lm.get_output_embeddings()(hidden), hidden
+
+
 class ValueHead(nn.Module):
     """``V(h) = Linear(dropout(h))`` -> one scalar per position.
 
@@ -162,31 +199,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         logits_len: int | None = None,
         return_values: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        lm = self.causal_lm
-        decoder = lm.get_decoder()
-        end = input_ids.shape[1] if logits_len is None else logits_start + logits_len
-        if logits_transform(lm.config) is not None:
-            # the model's own forward applies its soft-capping / scaling; the decoder's output
-            # (the hidden states the LM head read) is caught on the way for the value head
-            caught = []
-            handle = decoder.register_forward_hook(lambda module, args, output: caught.append(output[0]))
-            try:
-                with last_layer_from(decoder, logits_start):
-                    logits = lm(
-                        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                        logits_to_keep=input_ids.shape[1] - logits_start,
-                    ).logits[:, : end - logits_start]
-            finally:
-                handle.remove()
-            hidden = caught[0][:, logits_start:end]
-        else:
-            with last_layer_from(decoder, logits_start):  # positions before logits_start are not read
-                hidden = decoder(
-                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-                ).last_hidden_state
-            # contiguous: the LM head is then one (n*len, H) x (H, V) matmul, not a slower batched one
-            hidden = hidden[:, logits_start:end].contiguous()
-            logits = lm.get_output_embeddings()(hidden)
+        logits, hidden = causal_lm_logits(self.causal_lm, input_ids, attention_mask, position_ids, logits_start, logits_len)
         values = self.v_head(hidden) if return_values else None
         return logits, values
 
@@ -243,7 +256,10 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
             kwargs = dict(model_kwargs)
             if quantization_config is not None:
                 kwargs["quantization_config"] = quantization_config
-                kwargs.setdefault("device_map", {"": _default_device()})
+                from ..modeling import kbit_device_map
+
+                # this process's own device: eight ranks asking for "cuda" would all load onto GPU 0
+                kwargs.setdefault("device_map", kbit_device_map())
             model = AutoModelForCausalLM.from_pretrained(name_or_model, **kwargs)
             if quantization_config is not None:
                 from ..modeling import guard_cpu_4bit_packing
@@ -290,10 +306,6 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         return wrapped
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _prepare_kbit(model: nn.Module) -> nn.Module:
     from peft import prepare_model_for_kbit_training
 
@@ -303,14 +315,20 @@ def _prepare_kbit(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def eval_mode(module: nn.Module, enabled: bool = True):
-    """Temporarily puts ``module`` in eval mode (dropout off), restoring each submodule's
-    own ``training`` flag afterwards."""
+def dropout_off(module: nn.Module, enabled: bool = True):
+    """Temporarily switches dropout off in ``module``: every submodule in eval mode (as TRL
+    0.11's forward passes ran), except layers with gradient checkpointing on, which keep
+    their ``training`` flag because transformers checkpoints only layers in training mode
+    (their own submodules still run in eval mode, so no dropout). Each submodule's flag is
+    restored afterwards. Wrap the backward too when checkpointing: it reruns the layers."""
     if not enabled:
         yield
         return
     flags = [(m, m.training) for m in module.modules()]
     module.eval()
+    for m, flag in flags:
+        if flag and getattr(m, "gradient_checkpointing", False) is True:
+            m.training = True
     try:
         yield
     finally:

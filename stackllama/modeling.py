@@ -108,7 +108,7 @@ def end_process(status: int = 0, message: str | None = None) -> None:
     and its groups live as long as the DDP or DeepSpeed objects holding them, so destroying the
     group does not stop the thread; leaving without finalization does. Everything is written
     first: the process group destroyed, logging and the standard streams flushed. Elsewhere
-    (one process, NCCL, whose `destroy_process_group` joins its threads) this returns for
+    (one process; NCCL, whose backend `destroy_process_group` shuts down) this returns for
     status 0 without a message and exits the usual way otherwise (`sys.exit`)."""
     import logging
     import os

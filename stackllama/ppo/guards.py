@@ -59,12 +59,11 @@ class GradientGuard:
     def __init__(self, named_parameters) -> None:
         self.names: list[str] = []
         self._flags: dict[int, torch.Tensor] = {}
-        self._handles = []
         for name, param in named_parameters:
             if param.requires_grad:
                 index = len(self.names)
                 self.names.append(name)
-                self._handles.append(param.register_hook(self._hook(index)))
+                param.register_hook(self._hook(index))
 
     def _hook(self, index: int):
         def hook(grad: torch.Tensor | None) -> None:
@@ -94,11 +93,6 @@ class GradientGuard:
     def reset(self) -> None:
         """Forget the flags (a step that stopped half-way leaves none behind for the next)."""
         self._flags = {}
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 def stopped(step: int | None) -> str:

@@ -138,7 +138,7 @@ class PrecisionRegime:
     """``with regime():`` around every forward pass of the PPO step (see the module docstring)."""
 
     name: str
-    """What runs, for the log: ``fp32 (no autocast)``, ``bf16 autocast (...)``, ``fp16 autocast (...)``."""
+    """What runs, for the log: ``no autocast``, ``bf16 autocast (<why>)``, ``fp16 autocast (<why>)``."""
     autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None
     """The context factory, None for no autocast."""
     kv_cache_dtype: Optional[torch.dtype] = None

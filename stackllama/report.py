@@ -297,7 +297,7 @@ PPO_PANELS = (
     (("objective/kl",), "KL(policy ‖ SFT)", "nats per response"),
     (("objective/kl_coef",), "KL coefficient β", "β (score per nat)"),
     (("ppo/loss/policy",), "Policy loss", "clipped surrogate loss"),
-    (("ppo/loss/value",), "Value loss", "vf_coef × clipped squared error"),
+    (("ppo/loss/value",), "Value loss", "½ clipped squared error (before vf_coef)"),
     (("ppo/policy/clipfrac",), "Policy clip fraction", "share of tokens clipped"),
     (("ppo/policy/entropy",), "Policy entropy", "nats per token"),
     (("tokens/responses_len_mean",), "Response length", "tokens (mean of batch)"),

@@ -77,8 +77,8 @@ for case in ("lora_bf16", "lora_8bit", "full"):
     result = {
         "world": trainer.accelerator.num_processes,
         "mixed_precision": trainer.accelerator.mixed_precision,
-        "regime": getattr(getattr(trainer, "precision", None), "name", None),
-        "reuse_blocker": getattr(trainer, "reuse_blocker", None),
+        "regime": trainer.precision.name,
+        "reuse_blocker": trainer.reuse_blocker,
         "dtypes": {k: sorted(v) for k, v in seen.items()},
         **{k: stats[k] for k in ("objective/kl", "ppo/policy/ratio_mean", "ppo/policy/approxkl", "ppo/policy/clipfrac",
                                  "ppo/val/clipfrac", "ppo/mean_raw_scores")},

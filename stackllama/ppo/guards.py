@@ -34,11 +34,11 @@ def refuse_low_precision_training(named_parameters) -> None:
     weights and rounds away, so full fine-tuning of a bf16 model under plain DDP hardly moves.
     DeepSpeed keeps fp32 master weights for bf16 training; LoRA adapters and the value head
     are fp32 unless asked otherwise."""
-    low = [name for name, p in named_parameters if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)]
+    low = [(name, p.dtype) for name, p in named_parameters if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)]
     if low:
-        dtype = dict(named_parameters)[low[0]].dtype
+        name, dtype = low[0]
         raise ValueError(
-            f"{len(low)} trainable parameter(s) are {str(dtype).replace('torch.', '')} (e.g. {low[0]}): the optimizer "
+            f"{len(low)} trainable parameter(s) are {str(dtype).replace('torch.', '')} (e.g. {name}): the optimizer "
             "would update them with no fp32 master copy, and updates of the learning rate's size round away. Load "
             "the weights in fp32 (--dtype float32) and compute in bf16 with --bf16_autocast or accelerate's "
             "--mixed_precision bf16, train LoRA adapters (--use_peft), or use DeepSpeed "

@@ -73,6 +73,9 @@ from .value_head import AutoModelForCausalLMWithValueHead, causal_lm_logits, dro
 
 logger = logging.getLogger(__name__)
 
+# Statistics that count what the step did: the same on every rank, so not averaged over them
+_COUNTS = ("ppo/optimizer_steps", "ppo/skipped_minibatches", "ppo/epochs_run")
+
 
 def default_collator(data: Sequence[dict]) -> dict:
     """The recipe's collator: a dict of lists (tensors of different lengths stay a list)."""
@@ -674,37 +677,39 @@ class PPOTrainer:
             self.gradient_guard.reset()
         all_stats: list[dict] = []
         n_opt_steps, n_skipped, epochs_run = 0, 0, 0
-        for _ in range(cfg.ppo_epochs):
-            epochs_run += 1
-            perm = torch.randperm(B, generator=self._perm_gen).tolist()
-            for w0 in range(0, B, cfg.backward_batch_size):
-                window = perm[w0 : w0 + cfg.backward_batch_size]
-                micro = [window[m : m + cfg.mini_batch_size] for m in range(0, len(window), cfg.mini_batch_size)]
-                contributed = False
-                for j, rows in enumerate(micro):
-                    last = j == len(micro) - 1
-                    # DDP all-reduces at the window's last backward only; DeepSpeed is told the boundary itself
-                    sync = contextlib.nullcontext() if last or self.is_deepspeed else self.accelerator.no_sync(self.model)
-                    with sync, dropout_off(model, enabled=not cfg.dropout_in_updates):
-                        # A skipped last minibatch must still run the gradient reduction (DDP's
-                        # all-reduce, DeepSpeed's boundary) of the ones accumulated before it.
-                        sync_anyway = last and contributed and (self.accelerator.num_processes > 1 or self.is_deepspeed)
-                        stats, did_backward, skipped = self._train_minibatch(
-                            batch, rows, old_logprobs, old_values, advantages, returns, temperature,
-                            len(rows) / len(window), last, sync_anyway,
-                        )
-                    all_stats.append(stats)
-                    contributed |= did_backward
-                    n_skipped += int(skipped)
-                if contributed:
-                    self._optimizer_step()
-                    n_opt_steps += 1
-                self.optimizer.zero_grad(set_to_none=True)
-            if cfg.early_stopping:
-                policykl = torch.tensor(all_stats[-1]["ppo/policy/policykl"], device=self.accelerator.device)
-                policykl = self.accelerator.reduce(policykl, "mean") if self.accelerator.num_processes > 1 else policykl
-                if float(policykl) > 1.5 * cfg.target_kl:
-                    break
+        # one switch for all minibatches: their forward and backward (a checkpointed layer's rerun)
+        with dropout_off(model, enabled=not cfg.dropout_in_updates):
+            for _ in range(cfg.ppo_epochs):
+                epochs_run += 1
+                perm = torch.randperm(B, generator=self._perm_gen).tolist()
+                for w0 in range(0, B, cfg.backward_batch_size):
+                    window = perm[w0 : w0 + cfg.backward_batch_size]
+                    micro = [window[m : m + cfg.mini_batch_size] for m in range(0, len(window), cfg.mini_batch_size)]
+                    contributed = False
+                    for j, rows in enumerate(micro):
+                        last = j == len(micro) - 1
+                        # DDP all-reduces at the window's last backward only; DeepSpeed is told the boundary itself
+                        sync = contextlib.nullcontext() if last or self.is_deepspeed else self.accelerator.no_sync(self.model)
+                        with sync:
+                            # A skipped last minibatch must still run the gradient reduction (DDP's
+                            # all-reduce, DeepSpeed's boundary) of the ones accumulated before it.
+                            sync_anyway = last and contributed and (self.accelerator.num_processes > 1 or self.is_deepspeed)
+                            stats, did_backward, skipped = self._train_minibatch(
+                                batch, rows, old_logprobs, old_values, advantages, returns, temperature,
+                                len(rows) / len(window), last, sync_anyway,
+                            )
+                        all_stats.append(stats)
+                        contributed |= did_backward
+                        n_skipped += int(skipped)
+                    if contributed:
+                        self._optimizer_step()
+                        n_opt_steps += 1
+                    self.optimizer.zero_grad(set_to_none=True)
+                if cfg.early_stopping:
+                    policykl = torch.tensor(all_stats[-1]["ppo/policy/policykl"], device=self.accelerator.device)
+                    policykl = self.accelerator.reduce(policykl, "mean") if self.accelerator.num_processes > 1 else policykl
+                    if float(policykl) > 1.5 * cfg.target_kl:
+                        break
         out = {k: sum(s[k] for s in all_stats) / len(all_stats) for k in all_stats[0]}
         out["ppo/val/var_explained"] = 1 - out["ppo/val/error"] / max(out["ppo/returns/var"], 1e-12)
         out["ppo/optimizer_steps"] = n_opt_steps
@@ -842,13 +847,13 @@ class PPOTrainer:
             "ppo/mean_raw_scores": raw_scores.mean(),
             "env/missing_eos_share": (~ended).float().mean(),
             "env/degenerate_share": degenerate.float().mean().to(scores.device),
-            **{k: torch.tensor(float(v), dtype=torch.float64, device=scores.device) for k, v in train_stats.items()
-               if k not in ("ppo/optimizer_steps", "ppo/skipped_minibatches", "ppo/epochs_run")},
         }
-        values = torch.stack([v.double() for v in averaged.values()])
+        updates = {k: v for k, v in train_stats.items() if k not in _COUNTS}  # floats already
+        values = torch.cat([torch.stack([v.double() for v in averaged.values()]),
+                            torch.tensor(list(updates.values()), dtype=torch.float64, device=scores.device)])
         if self.accelerator.num_processes > 1:  # one call for all of them; one beta on every rank
             values = self.accelerator.reduce(values, "mean")
-        stats = dict(zip(averaged, values.tolist()))
+        stats = dict(zip([*averaged, *updates], values.tolist()))
         stats.update({
             "objective/kl_dist": kl_per_seq.cpu(),
             "objective/logprobs": logprobs.cpu(),
@@ -858,7 +863,7 @@ class PPOTrainer:
             "tokens/queries_len_std": std(q_lens).item(),
             "tokens/responses_len_mean": r_lens.mean().item(),
             "tokens/responses_len_std": std(r_lens).item(),
-            **{k: train_stats[k] for k in ("ppo/optimizer_steps", "ppo/skipped_minibatches", "ppo/epochs_run")},
+            **{k: train_stats[k] for k in _COUNTS},
         })
         mean_kl, degenerate_share = stats["objective/kl"], stats["env/degenerate_share"]
         if mean_kl < -cfg.negative_kl_warning:

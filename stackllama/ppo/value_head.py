@@ -250,20 +250,18 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         """
         from transformers import AutoModelForCausalLM
 
+        from ..modeling import guard_cpu_4bit_packing, kbit_device_map
+
         def load_base(name_or_model):
             if isinstance(name_or_model, nn.Module):
                 return name_or_model
             kwargs = dict(model_kwargs)
             if quantization_config is not None:
                 kwargs["quantization_config"] = quantization_config
-                from ..modeling import kbit_device_map
-
                 # this process's own device: eight ranks asking for "cuda" would all load onto GPU 0
                 kwargs.setdefault("device_map", kbit_device_map())
             model = AutoModelForCausalLM.from_pretrained(name_or_model, **kwargs)
             if quantization_config is not None:
-                from ..modeling import guard_cpu_4bit_packing
-
                 guard_cpu_4bit_packing(model)  # bitsandbytes' CPU 4-bit kernel asserts on some shapes
             return model
 

@@ -39,7 +39,7 @@ def main() -> None:
     from stackllama.data.loading import load_pairs
     from stackllama.data.prepare import PrepareOptions, bundled_dumps, prepare_dataset
     from stackllama.modeling import load_tokenizer, torch_dtype
-    from stackllama.reward import evaluate_pairs, tokenize_pairs
+    from stackllama.reward_modeling import evaluate_pairs, tokenize_pairs
     from stackllama.tiny_model import build_tiny_model_from_data
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,10 +11,12 @@ builds it by itself (beside its output folder) when no model is given.
 
 from dataclasses import dataclass, field
 
-from stackllama.cli import fail, parse_args
 from stackllama.data.loading import check_data_dir
-from stackllama.stage import setup_logging
-from stackllama.tiny_model import DEFAULT_MAX_TOKENIZER_TEXTS, build_tiny_model_from_data
+from stackllama.stage import run_script
+from stackllama.tiny_model import (
+    DEFAULT_MAX_TOKENIZER_TEXTS,
+    build_tiny_model_from_data,
+)
 
 
 @dataclass
@@ -31,19 +33,14 @@ class ScriptArguments:
     overwrite: bool = field(default=False, metadata={"help": "Rebuild even if output_dir holds a complete build."})
 
 
-def main() -> None:
-    setup_logging()
-    (args,) = parse_args((ScriptArguments,), description=__doc__)
-    try:
-        check_data_dir(args.data_dir)
-        path = build_tiny_model_from_data(
-            args.output_dir, args.data_dir, config=args.tiny_model_config, seed=args.seed,
-            max_texts=args.max_texts, overwrite=args.overwrite,
-        )
-    except (ValueError, FileNotFoundError) as error:
-        fail(str(error))
+def main(args: ScriptArguments) -> None:
+    check_data_dir(args.data_dir)
+    path = build_tiny_model_from_data(
+        args.output_dir, args.data_dir, config=args.tiny_model_config, seed=args.seed,
+        max_texts=args.max_texts, overwrite=args.overwrite,
+    )
     print(f"tiny model in {path}")
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, (ScriptArguments,), __doc__)

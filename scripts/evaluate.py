@@ -25,7 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
-from stackllama.cli import fail, parse_args
+from stackllama.atomic import replace_dir
 from stackllama.evaluation import (
     RESULTS_FILE,
     SAMPLES_FILE,
@@ -35,9 +35,15 @@ from stackllama.evaluation import (
     resolve_inputs,
     write_samples,
 )
-from stackllama.modeling import MissingDependencyError, ModelLoadError
-from stackllama.report import LogSources, TrainingLogs, build_report, headline, read_json
-from stackllama.stage import replace_dir, run_dir, setup_logging, write_results
+from stackllama.report import (
+    LogSources,
+    TrainingLogs,
+    build_report,
+    headline,
+    read_json,
+)
+from stackllama.run_layout import run_dir
+from stackllama.stage import run_script, write_results
 
 logger = logging.getLogger("stackllama.evaluation")
 
@@ -97,9 +103,4 @@ def main(args: EvaluateScriptArguments) -> dict:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    (script_args,) = parse_args((EvaluateScriptArguments,), description=__doc__)
-    try:
-        main(script_args)
-    except (ValueError, FileNotFoundError, MissingDependencyError, ModelLoadError) as error:
-        fail(str(error))
+    run_script(main, (EvaluateScriptArguments,), __doc__)

@@ -23,15 +23,8 @@ python scripts/merge_adapters.py --adapter_model_name runs/tiny/sft-lora --outpu
 ```
 """
 
-from stackllama.cli import fail, parse_args
-from stackllama.merge import MergeArguments, MergeError, merge_from_args
-from stackllama.modeling import MissingDependencyError, ModelLoadError
-from stackllama.stage import setup_logging
+from stackllama.merge import MergeArguments, merge_from_args
+from stackllama.stage import run_script
 
 if __name__ == "__main__":
-    setup_logging()
-    (args,) = parse_args((MergeArguments,), description=__doc__)
-    try:
-        merge_from_args(args)
-    except (MergeError, ValueError, FileNotFoundError, FileExistsError, MissingDependencyError, ModelLoadError) as error:
-        fail(str(error))
+    run_script(merge_from_args, (MergeArguments,), __doc__)

@@ -12,8 +12,13 @@ with `datasets.load_dataset(output_dir, "pairs", split="finetune")`.
 
 from dataclasses import dataclass, field
 
-from stackllama.cli import fail, parse_args
-from stackllama.data.prepare import DumpError, PrepareOptions, bundled_dumps, format_summary, prepare_dataset
+from stackllama.data.prepare import (
+    PrepareOptions,
+    bundled_dumps,
+    format_summary,
+    prepare_dataset,
+)
+from stackllama.stage import run_script
 
 
 @dataclass
@@ -26,15 +31,11 @@ class ScriptArguments:
                                                               "output is complete)."})
 
 
-def main() -> None:
-    script_args, options = parse_args((ScriptArguments, PrepareOptions), description=__doc__)
-    try:
-        summary = prepare_dataset(script_args.dumps, script_args.output_dir, options, overwrite=script_args.overwrite)
-    except (DumpError, FileExistsError, ValueError) as e:
-        fail(str(e))
+def main(script_args: ScriptArguments, options: PrepareOptions) -> None:
+    summary = prepare_dataset(script_args.dumps, script_args.output_dir, options, overwrite=script_args.overwrite)
     print(format_summary(summary))
     print(f"wrote {script_args.output_dir} in {summary['seconds']['total']:.1f}s")
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, (ScriptArguments, PrepareOptions), __doc__)

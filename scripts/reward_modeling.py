@@ -28,34 +28,30 @@ import time
 from transformers import set_seed
 from trl import ModelConfig, RewardConfig
 
-from stackllama.cli import fail, parse_args
 from stackllama.data.loading import check_data_dir, load_pairs
-from stackllama.hf_trainer import NonFiniteError, carried_results, resolve_resume
+from stackllama.hf_trainer import carried_results, resolve_resume
 from stackllama.modeling import (
-    MissingDependencyError,
-    ModelLoadError,
     count_parameters,
-    end_process,
     load_model,
     load_tokenizer,
     lora_config,
     place_for_evaluation,
     save_full_weights,
 )
-from stackllama.reward import (
+from stackllama.reward_modeling import (
     RESULTS_FILE,
     RewardScriptArguments,
     build_trainer,
-    default_sft_model,
     evaluate_pairs,
     format_metrics,
     load_reward_model,
     tokenize_pairs,
     write_model_card,
 )
-from stackllama.stage import configure_reporting, setup_logging, write_results
+from stackllama.run_layout import default_sft_model
+from stackllama.stage import configure_reporting, run_script, write_results
 
-logger = logging.getLogger("stackllama.reward")
+logger = logging.getLogger("stackllama.reward_modeling")
 
 
 def main(script_args: RewardScriptArguments, training_args: RewardConfig, model_args: ModelConfig) -> dict:
@@ -160,10 +156,4 @@ def main(script_args: RewardScriptArguments, training_args: RewardConfig, model_
 
 
 if __name__ == "__main__":
-    setup_logging()
-    args = parse_args((RewardScriptArguments, RewardConfig, ModelConfig), description=__doc__)
-    try:
-        main(*args)
-    except (ValueError, FileNotFoundError, MissingDependencyError, ModelLoadError, NonFiniteError) as error:
-        fail(str(error))
-    end_process()  # a gloo run ends without interpreter finalization (stackllama.modeling.end_process)
+    run_script(main, (RewardScriptArguments, RewardConfig, ModelConfig), __doc__)

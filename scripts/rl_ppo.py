@@ -29,33 +29,31 @@ from tqdm import tqdm
 from transformers import set_seed
 from trl import ModelConfig
 
-from stackllama.cli import fail, parse_args
 from stackllama.data.loading import check_data_dir
 from stackllama.modeling import (
-    MissingDependencyError,
-    ModelLoadError,
     count_parameters,
-    end_process,
     load_tokenizer,
     process_state,
 )
-from stackllama.ppo import LengthSampler, NonFiniteError, PPOConfig, PPOTrainer
-from stackllama.reward_function import RewardFunction
-from stackllama.rl import (
+from stackllama.ppo import LengthSampler, PPOConfig, PPOTrainer
+from stackllama.ppo.recipe import (
     LOG_FILE,
     RESULTS_FILE,
     RLScriptArguments,
     build_query_dataset,
-    check_model_dir,
     checkpoint_to_resume,
-    default_policy_model,
-    default_reward_model,
     load_policy,
     mean,
 )
-from stackllama.stage import configure_reporting, setup_logging, write_results
+from stackllama.reward_scoring import RewardFunction
+from stackllama.run_layout import (
+    check_model_dir,
+    default_reward_model,
+    default_sft_model,
+)
+from stackllama.stage import configure_reporting, run_script, write_results
 
-logger = logging.getLogger("stackllama.rl")
+logger = logging.getLogger("stackllama.ppo.recipe")
 
 
 def main(script_args: RLScriptArguments, config: PPOConfig, model_args: ModelConfig) -> dict:
@@ -75,7 +73,7 @@ def main(script_args: RLScriptArguments, config: PPOConfig, model_args: ModelCon
     check_data_dir(script_args.data_dir)
 
     # Models: the SFT policy and the reward model (defaults: the stages' outputs beside output_dir)
-    policy_path = model_args.model_name_or_path or default_policy_model(script_args.output_dir)
+    policy_path = model_args.model_name_or_path or default_sft_model(script_args.output_dir)
     reward_path = script_args.reward_model_name or default_reward_model(script_args.output_dir)
     check_model_dir(policy_path, "policy (SFT) model", "--model_name_or_path", adapter_ok=False)
     check_model_dir(reward_path, "reward model", "--reward_model_name")
@@ -177,10 +175,4 @@ def main(script_args: RLScriptArguments, config: PPOConfig, model_args: ModelCon
 
 
 if __name__ == "__main__":
-    setup_logging()
-    args = parse_args((RLScriptArguments, PPOConfig, ModelConfig), description=__doc__)
-    try:
-        main(*args)
-    except (ValueError, FileNotFoundError, MissingDependencyError, ModelLoadError, NonFiniteError) as error:
-        fail(str(error))
-    end_process()  # a gloo run ends without interpreter finalization (stackllama.modeling.end_process)
+    run_script(main, (RLScriptArguments, PPOConfig, ModelConfig), __doc__)

@@ -14,20 +14,19 @@ Without --config, configs/pipeline/tiny.yaml is used.
 
 import sys
 
-from stackllama.cli import fail, parse_args
-from stackllama.pipeline import PipelineArguments, PipelineError, check_config, run_pipeline, with_default_config
-from stackllama.stage import setup_logging
+from stackllama.pipeline import (
+    PipelineArguments,
+    check_config,
+    run_pipeline,
+    with_default_config,
+)
+from stackllama.stage import run_script
 
 
-def main() -> int:
-    (args,) = parse_args((PipelineArguments,), with_default_config(sys.argv[1:]), description=__doc__)
-    try:
-        settings = check_config(args)
-    except PipelineError as error:
-        fail(str(error))
+def main(args: PipelineArguments) -> int:
+    settings = check_config(args)
     return run_pipeline(args, settings, out=lambda line: print(line, flush=True))
 
 
 if __name__ == "__main__":
-    setup_logging()
-    raise SystemExit(main())
+    run_script(main, (PipelineArguments,), __doc__, args=with_default_config(sys.argv[1:]))

@@ -30,19 +30,14 @@ import time
 
 from trl import ModelConfig, SFTConfig
 
-from stackllama.cli import fail, parse_args
-from stackllama.hf_trainer import NonFiniteError, resolve_resume
+from stackllama.hf_trainer import resolve_resume
 from stackllama.modeling import (
-    MissingDependencyError,
-    ModelLoadError,
     count_parameters,
-    end_process,
     load_model,
     load_tokenizer,
     lora_config,
     save_full_weights,
 )
-from stackllama.stage import configure_reporting, setup_logging, write_results
 from stackllama.sft import (
     RESULTS_FILE,
     SFTScriptArguments,
@@ -54,6 +49,7 @@ from stackllama.sft import (
     resolve_base_model,
     write_model_card,
 )
+from stackllama.stage import configure_reporting, run_script, write_results
 
 logger = logging.getLogger("stackllama.sft")
 
@@ -147,10 +143,4 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
 
 
 if __name__ == "__main__":
-    setup_logging()
-    args = parse_args((SFTScriptArguments, SFTConfig, ModelConfig), description=__doc__)
-    try:
-        main(*args)
-    except (ValueError, FileNotFoundError, MissingDependencyError, ModelLoadError, NonFiniteError) as error:
-        fail(str(error))
-    end_process()  # a gloo run ends without interpreter finalization (stackllama.modeling.end_process)
+    run_script(main, (SFTScriptArguments, SFTConfig, ModelConfig), __doc__)

@@ -30,6 +30,8 @@ from typing import Sequence
 
 import torch
 
+from .errors import InputError, MissingInputError
+
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "evaluation_results.json"  # written last: its presence marks a completed evaluation
@@ -114,7 +116,7 @@ def default_sft_policy(run: Path) -> str:
     for candidate in (run / "sft-merged", run / "sft"):
         if (candidate / "config.json").is_file() or (candidate / "adapter_config.json").is_file():
             return str(candidate)
-    raise FileNotFoundError(f"no SFT model in {run / 'sft-merged'} or {run / 'sft'}: run scripts/sft.py first, "
+    raise MissingInputError(f"no SFT model in {run / 'sft-merged'} or {run / 'sft'}: run scripts/sft.py first, "
                             "or pass --sft_model")
 
 
@@ -122,7 +124,7 @@ def default_ppo_policy(run: Path) -> str:
     path = run / "ppo"
     if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
         return str(path)
-    raise FileNotFoundError(f"no PPO policy in {path}: run scripts/rl_ppo.py first, or pass --ppo_model")
+    raise MissingInputError(f"no PPO policy in {path}: run scripts/rl_ppo.py first, or pass --ppo_model")
 
 
 def ppo_run_settings(ppo_dir: str | None) -> dict:
@@ -143,7 +145,7 @@ def build_prompts(data_dir: str, tokenizer, subset: str = "evaluation", max_prom
                   num_prompts: int | None = None, seed: int = 0):
     """`(dataset, dropped)`: one `Question: q\\n\\nAnswer: ` query per unique question (columns `query`,
     `input_ids`), those over `max_prompt_length` tokens dropped and counted, at most `num_prompts`."""
-    from .rl import build_query_dataset
+    from .ppo.recipe import build_query_dataset
 
     return build_query_dataset(data_dir, tokenizer, max_prompt_length, subset=subset, max_queries=num_prompts,
                                unique_questions=True, seed=seed)
@@ -385,9 +387,9 @@ def paired_comparison(sft_scores, ppo_scores, n_resamples: int = 2000, seed: int
 
     sft, ppo = _as_prompt_matrix(sft_scores), _as_prompt_matrix(ppo_scores)
     if sft.shape != ppo.shape:
-        raise ValueError(f"paired scores need the same shape, got {sft.shape} and {ppo.shape}")
+        raise InputError(f"paired scores need the same shape, got {sft.shape} and {ppo.shape}")
     if sft.shape[0] == 0:
-        raise ValueError("no prompts to compare")
+        raise InputError("no prompts to compare")
     per_prompt = {
         "sft": sft.mean(1),
         "ppo": ppo.mean(1),
@@ -476,9 +478,9 @@ def score_responses(reward_fn, texts, queries, responses, batch_size: int, desc:
 
 def reward_model_accuracy(reward_fn, data_dir: str, subset: str, max_length: int | None, batch_size: int,
                           max_pairs: int | None = None) -> dict:
-    """`stackllama.reward.pair_metrics` of the reward model on the held-out pairs, with the dropped count."""
+    """`stackllama.reward_modeling.pair_metrics` of the reward model on the held-out pairs, with the dropped count."""
     from .data.loading import load_pairs
-    from .reward import evaluate_pairs, tokenize_pairs
+    from .reward_modeling import evaluate_pairs, tokenize_pairs
 
     pairs = load_pairs(data_dir, subset)
     if max_pairs is not None:
@@ -499,21 +501,21 @@ def evaluate_policies(inputs: EvaluationInputs) -> tuple[dict, list[dict]]:
     import numpy as np
 
     from .modeling import count_parameters
-    from .reward_function import RewardFunction, same_tokenizer
+    from .reward_scoring import RewardFunction, same_tokenizer
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
     tokenizer = load_policy_tokenizer(inputs.ppo_model, inputs.trust_remote_code)
     sft_tokenizer = load_policy_tokenizer(inputs.sft_model, inputs.trust_remote_code)
     if not same_tokenizer(tokenizer, sft_tokenizer):
-        raise ValueError(f"the SFT ({inputs.sft_model}) and PPO ({inputs.ppo_model}) policies use different "
+        raise InputError(f"the SFT ({inputs.sft_model}) and PPO ({inputs.ppo_model}) policies use different "
                          "tokenizers; comparing their log-probs (KL) needs the same one")
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
 
     dataset, dropped = build_prompts(inputs.data_dir, tokenizer, inputs.subset, inputs.max_prompt_length,
                                      inputs.num_prompts, inputs.seed)
     if len(dataset) == 0:
-        raise ValueError(f"no {inputs.subset} question fits in --max_prompt_length {inputs.max_prompt_length} "
+        raise InputError(f"no {inputs.subset} question fits in --max_prompt_length {inputs.max_prompt_length} "
                          f"({dropped} dropped)")
     logger.info("prompts: %d %s questions (%d longer than %s tokens dropped), %d samples each",
                 len(dataset), inputs.subset, dropped, inputs.max_prompt_length, inputs.samples_per_prompt)
@@ -635,14 +637,13 @@ def resolve_inputs(args: EvaluateScriptArguments) -> EvaluationInputs:
     """The evaluation's paths and settings: flags first, then the run folder (`<run>` = parent of
     output_dir) and the PPO run's own settings, so that evaluation samples the way training did."""
     from .data.loading import check_data_dir
-    from .rl import check_model_dir, default_reward_model
-    from .stage import run_dir
+    from .run_layout import check_model_dir, default_reward_model, run_dir
 
     for name in ("num_prompts", "samples_per_prompt", "batch_size", "reward_batch_size", "bootstrap_resamples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+            raise InputError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.temperature <= 0:
-        raise ValueError(f"--temperature must be positive (sampling), got {args.temperature}")
+        raise InputError(f"--temperature must be positive (sampling), got {args.temperature}")
     run = run_dir(args.output_dir)
     data_dir = args.data_dir or str(run / "data")
     check_data_dir(data_dir)
@@ -665,7 +666,7 @@ def resolve_inputs(args: EvaluateScriptArguments) -> EvaluationInputs:
             chosen[name], settings_from[name] = default, "the recipe's default"
     low, high = chosen["output_min_length"], chosen["output_max_length"]
     if not 1 <= low < high:
-        raise ValueError(f"response lengths need 1 <= --output_min_length < --output_max_length, got [{low}, {high})")
+        raise InputError(f"response lengths need 1 <= --output_min_length < --output_max_length, got [{low}, {high})")
     return EvaluationInputs(
         data_dir=data_dir, sft_model=sft, ppo_model=ppo, reward_model=reward, subset=args.subset,
         num_prompts=args.num_prompts, samples_per_prompt=args.samples_per_prompt,

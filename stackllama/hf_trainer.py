@@ -5,7 +5,7 @@ and a stop on NaN/inf before it reaches the weights.
 - `AtomicCheckpointMixin._save_checkpoint` lets `Trainer` write its usual checkpoint (model or
   adapter, optimizer, scheduler, the RNG state of every process, `trainer_state.json`, whose
   global step is the data position `Trainer` skips to on resume) into a staging folder, then
-  `stackllama.checkpoint.finalize` marks it complete and renames it to
+  `stackllama.resume.finalize` marks it complete and renames it to
   `<output_dir>/checkpoint-<step>`; `save_total_limit` prunes complete checkpoints only.
   `Trainer`'s own resume (`resume_from_checkpoint=True` -> `get_last_checkpoint`) would trust a
   half-written folder, so `train()` resolves `latest` / `true` itself.
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from . import checkpoint
+from . import resume
 from .ppo.guards import NonFiniteError
 
 logger = logging.getLogger(__name__)
@@ -47,8 +47,8 @@ __all__ = ["AtomicCheckpointMixin", "NonFiniteError", "NonFiniteGuard", "carried
 def resolve_resume(training_args) -> Path | None:
     """The checkpoint `--resume_from_checkpoint` names: None, the newest complete one for `latest` /
     `true` (None when there is none yet: start fresh), or a path that must hold a complete checkpoint
-    (else `checkpoint.CheckpointError`)."""
-    return checkpoint.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir, PREFIX)
+    (else `resume.CheckpointError`)."""
+    return resume.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir, PREFIX)
 
 
 def stage_state(folder: str | os.PathLike | None) -> dict:
@@ -106,7 +106,7 @@ class NonFiniteGuard(TrainerCallback):
             if problem is None and flag.item() > 0:
                 problem = "a loss or gradient on another process"
         if problem is not None:
-            latest = checkpoint.latest_checkpoint(output_dir, PREFIX) if output_dir else None
+            latest = resume.latest_checkpoint(output_dir, PREFIX) if output_dir else None
             raise NonFiniteError(
                 f"{self.stage} step {step}: non-finite value (NaN/inf) in {problem}; stopped before the optimizer "
                 f"step, nothing of this step was applied or saved (latest complete checkpoint: "
@@ -183,7 +183,7 @@ class AtomicCheckpointMixin:
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """`Trainer.train`, with `latest` / `true` meaning the newest *complete* checkpoint (or a fresh
         start when there is none) and a named checkpoint required to be complete."""
-        path = checkpoint.resolve_resume(resume_from_checkpoint, self.args.output_dir, PREFIX)
+        path = resume.resolve_resume(resume_from_checkpoint, self.args.output_dir, PREFIX)
         saved = stage_state(path)
         self._resuming = path is not None
         self.carried_results = {**saved.get("results", {}), **self.carried_results}
@@ -218,9 +218,9 @@ class AtomicCheckpointMixin:
         final = Path(run_dir) / f"{PREFIX}-{self.state.global_step}"
         main = self.args.should_save
         if main:
-            staging_parent = checkpoint.clear_staging(final)
+            staging_parent = resume.clear_staging(final)
         else:
-            staging_parent = checkpoint.staging_dir(final)
+            staging_parent = resume.staging_dir(final)
         self.accelerator.wait_for_everyone()  # the staging folder is empty before anyone writes into it
         self._staging_parent = str(staging_parent)
         try:
@@ -241,7 +241,7 @@ class AtomicCheckpointMixin:
         if hasattr(self, "_total_train_tokens"):
             state["total_train_tokens"] = int(self._total_train_tokens)
         (staged / STAGE_STATE).write_text(json.dumps(state, indent=2, default=str) + "\n")
-        checkpoint.finalize(staged, final, {"stage": self.stage, "global_step": self.state.global_step})
+        resume.finalize(staged, final, {"stage": self.stage, "global_step": self.state.global_step})
         shutil.rmtree(staging_parent, ignore_errors=True)
         self._prune(run_dir)
 
@@ -259,7 +259,7 @@ class AtomicCheckpointMixin:
         if not keep:
             return
         best = self.state.best_model_checkpoint
-        for path in checkpoint.checkpoints(run_dir, PREFIX)[:-keep]:
+        for path in resume.checkpoints(run_dir, PREFIX)[:-keep]:
             if best is None or Path(best).resolve() != path.resolve():
                 logger.info("deleting %s (save_total_limit %d)", path, keep)
                 shutil.rmtree(path, ignore_errors=True)

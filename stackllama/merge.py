@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from .atomic import replace_dir
 from .data.template import format_example
+from .errors import InputError, MergeError, MissingInputError, OutputExistsError
 from .modeling import (
     BITSANDBYTES_HINT,
     MissingDependencyError,
@@ -40,7 +42,7 @@ from .modeling import (
     torch_dtype,
 )
 from .ppo.value_head import VALUE_HEAD_CONFIG, VALUE_HEAD_FILE
-from .stage import replace_dir, write_results
+from .stage import write_results
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +59,6 @@ RTOL = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
 STAGE_RESULTS = {"sft_results.json": "sft", "reward_results.json": "reward", "ppo_results.json": "ppo"}
 TASKS = {"CAUSAL_LM": "causal_lm", "SEQ_CLS": "seq_cls"}
 
-
-class MergeError(RuntimeError):
-    """The merge ran but its result cannot be trusted (verification failed); nothing was written."""
 
 
 @dataclass
@@ -132,15 +131,15 @@ def merge_adapter(
     """
     start = time.time()
     if dtype not in RTOL:
-        raise ValueError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
+        raise InputError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
     if value_head not in ("keep", "drop"):
-        raise ValueError(f"--value_head {value_head!r}: use keep or drop")
+        raise InputError(f"--value_head {value_head!r}: use keep or drop")
     adapter_dir = _local_adapter_dir(str(adapter))
     peft_config = _adapter_config(adapter_dir)
     task = _task(peft_config, task, adapter_dir)
     base = base_model or peft_config.base_model_name_or_path
     if not base:
-        raise ValueError(f"{adapter}: the adapter config names no base model; pass --base_model_name")
+        raise InputError(f"{adapter}: the adapter config names no base model; pass --base_model_name")
     output_dir = Path(output_dir)
     _check_output(output_dir, overwrite, adapter_dir, base)
 
@@ -212,7 +211,7 @@ def _local_adapter_dir(name: str) -> Path:
     """A local folder as is; anything else is taken as a Hub id and fetched (or found in the cache)."""
     if Path(name).exists():
         if not Path(name).is_dir():
-            raise FileNotFoundError(f"{name} is a file; pass the folder that holds adapter_config.json")
+            raise MissingInputError(f"{name} is a file; pass the folder that holds adapter_config.json")
         return Path(name)
     try:
         from huggingface_hub import snapshot_download
@@ -227,13 +226,13 @@ def _adapter_config(adapter_dir: Path):
 
     if not (adapter_dir / "adapter_config.json").is_file():
         if (adapter_dir / "config.json").is_file():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{adapter_dir} holds full weights (config.json, no adapter_config.json): nothing to merge, use it as is"
             )
-        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json, so no adapter to merge")
+        raise MissingInputError(f"{adapter_dir}: no adapter_config.json, so no adapter to merge")
     config = PeftConfig.from_pretrained(str(adapter_dir))
     if getattr(config, "is_prompt_learning", False):
-        raise ValueError(f"{adapter_dir}: a {config.peft_type} adapter has no weights to merge (LoRA and the like do)")
+        raise InputError(f"{adapter_dir}: a {config.peft_type} adapter has no weights to merge (LoRA and the like do)")
     return config
 
 
@@ -244,10 +243,10 @@ def _task(peft_config, fallback: str | None, adapter_dir: Path) -> str:
             return fallback
         return "seq_cls" if _score_head_labels(adapter_dir) else "causal_lm"
     if task_type not in TASKS:
-        raise ValueError(f"{adapter_dir}: task_type {task_type} is not supported: CAUSAL_LM or SEQ_CLS adapters only")
+        raise InputError(f"{adapter_dir}: task_type {task_type} is not supported: CAUSAL_LM or SEQ_CLS adapters only")
     task = TASKS[task_type]
     if fallback is not None and fallback != task:
-        raise ValueError(f"{adapter_dir} is a {task_type} adapter, not {fallback}")
+        raise InputError(f"{adapter_dir} is a {task_type} adapter, not {fallback}")
     return task
 
 
@@ -340,7 +339,7 @@ def load_base(base: str, task: str, dtype: str, num_labels: int | None = None, t
         method = getattr(method, "value", method)
         retry = "or pass the original un-quantised base with --base_model_name"
         if method != "bitsandbytes":
-            raise ValueError(f"{base} is a {method}-quantised checkpoint, which cannot be dequantised here: {retry}")
+            raise InputError(f"{base} is a {method}-quantised checkpoint, which cannot be dequantised here: {retry}")
         import importlib.util
 
         if importlib.util.find_spec("bitsandbytes") is None:
@@ -401,7 +400,7 @@ def _merge_and_save(adapter_dir: Path, base: str, folder: Path, tokenizer, probe
     try:
         model = model.merge_and_unload()
     except (AttributeError, NotImplementedError) as error:
-        raise ValueError(f"{adapter_dir}: this adapter type cannot be merged into full weights ({error})") from error
+        raise InputError(f"{adapter_dir}: this adapter type cannot be merged into full weights ({error})") from error
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return reference, dequantized
@@ -426,9 +425,9 @@ def _check_output(output_dir: Path, overwrite: bool, adapter_dir: Path, base: st
     out = output_dir.resolve()
     for source in (adapter_dir, Path(base)):
         if source.exists() and (out == source.resolve() or out in source.resolve().parents):
-            raise ValueError(f"--output_name {output_dir} would replace its own input {source}: choose another folder")
+            raise InputError(f"--output_name {output_dir} would replace its own input {source}: choose another folder")
     if output_dir.exists() and not overwrite and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise FileExistsError(f"{output_dir} exists and is not empty: pass --overwrite to replace it")
+        raise OutputExistsError(f"{output_dir} exists and is not empty: pass --overwrite to replace it")
 
 
 def write_model_card(folder: Path, output_dir: str, results: dict) -> Path:

@@ -21,6 +21,13 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from .errors import (
+    InputError,
+    MissingDependencyError,
+    MissingInputError,
+    ModelLoadError,
+)
+
 if TYPE_CHECKING:
     from trl import ModelConfig
 
@@ -30,12 +37,6 @@ Task = Literal["causal_lm", "seq_cls"]
 BITSANDBYTES_HINT = "pip install 'stackllama[bitsandbytes]'"
 
 
-class MissingDependencyError(ImportError):
-    """An optional dependency is needed for the options given; the message says which extra to install."""
-
-
-class ModelLoadError(RuntimeError):
-    """A model or tokenizer could not be loaded from the name given (wrong path, Hub unreachable)."""
 
 
 def require_bitsandbytes() -> None:
@@ -55,7 +56,7 @@ def torch_dtype(name: str | None):
         return name
     dtype = getattr(torch, str(name), None)
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}: use auto, bfloat16, float16 or float32")
+        raise InputError(f"unknown dtype {name!r}: use auto, bfloat16, float16 or float32")
     return dtype
 
 
@@ -164,7 +165,7 @@ def quantization_config(model_args: ModelConfig):
     if not is_quantized(model_args):
         return None
     if model_args.load_in_8bit and model_args.load_in_4bit:
-        raise ValueError("--load_in_8bit and --load_in_4bit are exclusive: choose one")
+        raise InputError("--load_in_8bit and --load_in_4bit are exclusive: choose one")
     require_bitsandbytes()
     import torch
     from transformers import BitsAndBytesConfig
@@ -227,7 +228,7 @@ def ensure_pad_token(tokenizer, task: Task = "causal_lm"):
                 tokenizer.eos_token,
             )
     else:
-        raise ValueError("the tokenizer has neither a pad nor an EOS token: set one before training")
+        raise InputError("the tokenizer has neither a pad nor an EOS token: set one before training")
     return tokenizer
 
 
@@ -246,7 +247,7 @@ def load_tokenizer(
     except (OSError, ValueError) as error:
         raise _load_error(name_or_path, error) from error
     if tokenizer.eos_token is None:
-        raise ValueError(f"the tokenizer of {name_or_path!r} has no EOS token; packing needs one between texts")
+        raise InputError(f"the tokenizer of {name_or_path!r} has no EOS token; packing needs one between texts")
     if padding_side is not None:
         tokenizer.padding_side = padding_side
     return ensure_pad_token(tokenizer, task=task)
@@ -271,9 +272,9 @@ def load_model(
 
     name = name_or_path or model_args.model_name_or_path
     if not name:
-        raise ValueError("no model given: pass --model_name_or_path (a Hub id or a local folder)")
+        raise InputError("no model given: pass --model_name_or_path (a Hub id or a local folder)")
     if is_quantized(model_args) and not model_args.use_peft:
-        raise ValueError(
+        raise InputError(
             "--load_in_8bit / --load_in_4bit train through LoRA adapters only: add --use_peft "
             "(quantized weights cannot be updated directly)"
         )
@@ -294,7 +295,7 @@ def load_model(
         model_class = AutoModelForSequenceClassification
         kwargs["num_labels"] = num_labels
     else:
-        raise ValueError(f"unknown task {task!r}: expected 'causal_lm' or 'seq_cls'")
+        raise InputError(f"unknown task {task!r}: expected 'causal_lm' or 'seq_cls'")
     try:
         model = model_class.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as error:
@@ -412,12 +413,12 @@ def save_full_weights(
     import os
     import shutil
 
-    from .stage import replace_dir
+    from .atomic import replace_dir
 
     src, final = Path(adapter_dir), Path(output_dir)
     weights = sorted(src.glob("*.safetensors")) + sorted(src.glob("*.safetensors.index.json"))
     if not weights:
-        raise FileNotFoundError(f"{src}: no saved weights (*.safetensors) to copy into {final}")
+        raise MissingInputError(f"{src}: no saved weights (*.safetensors) to copy into {final}")
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

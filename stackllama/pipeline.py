@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import PipelineError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STATE_DIR = ".pipeline"  # inside the run folder: one record per completed stage
 LOG_DIR = "logs"  # inside the run folder: one log per stage
@@ -37,9 +39,6 @@ RESULTS_FILE = "pipeline_results.json"
 LAUNCHERS = ("python", "accelerate", "torchrun")
 STAGE_KEYS = {"config", "args", "launcher", "skip"}
 
-
-class PipelineError(ValueError):
-    """A bad pipeline config or flag: reported as one line naming the file and key."""
 
 
 @dataclass

@@ -25,12 +25,14 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import run_layout
 from .data.loading import check_data_dir, load_pairs
 from .data.template import format_example
+from .errors import InputError
 
 logger = logging.getLogger(__name__)
 
-RESULTS_FILE = "sft_results.json"  # written last: its presence marks a completed SFT stage
+RESULTS_FILE = run_layout.SFT_RESULTS  # written last: its presence marks a completed SFT stage
 
 
 @dataclass
@@ -108,9 +110,9 @@ def load_sft_datasets(args: SFTScriptArguments, seed: int = 42):
     columns = dataset.column_names or ["qid", "question", "date", "metadata", "response_j", "response_k"]
     missing = {"qid", "question", "response_j"} - set(columns)
     if missing:
-        raise ValueError(f"{args.data_dir} ({args.subset}): missing columns {sorted(missing)}; found {columns}")
+        raise InputError(f"{args.data_dir} ({args.subset}): missing columns {sorted(missing)}; found {columns}")
     if not 0 <= args.eval_fraction < 1:
-        raise ValueError(f"--eval_fraction must be in [0, 1), got {args.eval_fraction}")
+        raise InputError(f"--eval_fraction must be in [0, 1), got {args.eval_fraction}")
 
     def is_eval(example):  # independent of the training seed: every run holds out the same questions
         return in_eval_split(example["qid"], args.eval_fraction)
@@ -126,7 +128,7 @@ def load_sft_datasets(args: SFTScriptArguments, seed: int = 42):
             from datasets import Dataset
 
             if args.max_eval_samples is None:
-                raise ValueError("--streaming needs --max_eval_samples (the held-out pairs are kept in memory)")
+                raise InputError("--streaming needs --max_eval_samples (the held-out pairs are kept in memory)")
             rows = list(eval_.take(args.max_eval_samples))
             if not rows:
                 logger.warning("eval_fraction %s held out no question; evaluation is skipped", args.eval_fraction)
@@ -135,7 +137,7 @@ def load_sft_datasets(args: SFTScriptArguments, seed: int = 42):
                 eval_ = Dataset.from_list(rows, features=dataset.features)
     else:
         if len(train) == 0:
-            raise ValueError(f"{args.data_dir} ({args.subset}): no training pairs left after the eval split")
+            raise InputError(f"{args.data_dir} ({args.subset}): no training pairs left after the eval split")
         train = train.shuffle(seed=seed)
         if args.max_train_samples is not None:
             train = train.select(range(min(args.max_train_samples, len(train))))
@@ -171,7 +173,7 @@ def _sft_trainer_class():
                 block = args.max_length
                 dataset = dataset.filter(lambda example: len(example["input_ids"]) == block)
                 if hasattr(dataset, "__len__") and len(dataset) == 0:
-                    raise ValueError(
+                    raise InputError(
                         f"the {dataset_name} dataset holds fewer than max_length={block} tokens, so packing yields "
                         "no full block: lower --max_length or add data (for eval: raise --eval_fraction)"
                     )
@@ -232,19 +234,13 @@ def evaluate_untrained(trainer) -> dict:
 def check_training_args(training_args, script_args: SFTScriptArguments) -> None:
     """Clear errors for option combinations that would otherwise fail deep inside the trainer."""
     if script_args.streaming and training_args.max_steps <= 0:
-        raise ValueError("--streaming needs --max_steps: a streamed dataset has no length to derive epochs from")
+        raise InputError("--streaming needs --max_steps: a streamed dataset has no length to derive epochs from")
     if training_args.packing and not training_args.max_length:
-        raise ValueError("--packing needs --max_length (the block length)")
+        raise InputError("--packing needs --max_length (the block length)")
 
 
 
 # --------------------------------------------------------------------------- base model
-
-
-def default_tiny_model_dir(output_dir: str) -> Path:
-    from .stage import run_dir
-
-    return run_dir(output_dir) / "base"
 
 
 def resolve_base_model(script_args: SFTScriptArguments, model_args, training_args) -> str:
@@ -253,7 +249,7 @@ def resolve_base_model(script_args: SFTScriptArguments, model_args, training_arg
         return model_args.model_name_or_path
     from .tiny_model import build_tiny_model_from_data, is_built
 
-    target = Path(script_args.tiny_model_dir) if script_args.tiny_model_dir else default_tiny_model_dir(training_args.output_dir)
+    target = Path(script_args.tiny_model_dir) if script_args.tiny_model_dir else run_layout.default_tiny_model_dir(training_args.output_dir)
     if not is_built(target):
         logger.info("no --model_name_or_path: building the tiny default model in %s", target)
     from accelerate import PartialState

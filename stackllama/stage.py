@@ -1,20 +1,26 @@
-"""What every training stage's script shares: logging, `report_to` backends, the results file.
+"""What every script shares: logging, `report_to` backends, the results file written by rank 0,
+and the one way a script ends (:func:`run_script`).
 
 Each stage writes its results file (`sft_results.json`, `reward_results.json`,
-`ppo_results.json`) atomically as its very last act, so its presence marks a completed stage.
+`ppo_results.json`, names in :mod:`stackllama.run_layout`) atomically as its very last act, so
+its presence marks a completed stage.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 from pathlib import Path
+from typing import Callable, Sequence
 
-from .modeling import MissingDependencyError
+from .atomic import write_json
+from .errors import MissingDependencyError, StackLlamaError
 
 logger = logging.getLogger(__name__)
+
+# What a script reports as a one-line error: the project's own errors, and the ValueError /
+# FileNotFoundError with which transformers, TRL and datasets reject the flags they are given.
+USER_ERRORS = (StackLlamaError, ValueError, FileNotFoundError)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -58,34 +64,29 @@ def configure_reporting(training_args) -> None:
             os.environ["WANDB_MODE"] = "offline"
 
 
-def run_dir(output_dir: str | os.PathLike) -> Path:
-    """The run folder that holds every stage's output (`runs/<run>/`): the parent of a stage's
-    `output_dir`. Stages find their inputs there by default (`sft-merged`, `reward`, ...)."""
-    return Path(output_dir).resolve().parent
-
-
-def replace_dir(new: str | os.PathLike, final: str | os.PathLike) -> Path:
-    """Rename the finished folder `new` to `final`. An older `final` is moved aside first and deleted
-    after, so `final` is at every moment either the old complete folder or the new one."""
-    new, final = Path(new), Path(final)
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    had_old = final.exists() or final.is_symlink()
-    if had_old:
-        os.replace(final, old)
-    os.replace(new, final)
-    if had_old:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-    return final
-
-
 def write_results(output_dir: str | os.PathLike, filename: str, results: dict) -> Path:
     """`output_dir/filename` as JSON, written to a temporary file and renamed into place."""
-    path = Path(output_dir) / filename
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json(Path(output_dir) / filename, results)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launched run (torchrun / accelerate launch set RANK), or a single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def run_script(main: Callable, dataclass_types: Sequence[type] | None = None, description: str | None = None,
+               args: Sequence[str] | None = None) -> None:
+    """A script's ``__main__``: logging, the flags (``--config`` YAML included) parsed into
+    ``dataclass_types`` and passed to ``main`` (none: ``main()`` parses its own), and the end:
+    a :data:`USER_ERRORS` error becomes ``<script>: error: <message>`` and exit status 1, and
+    every process of a launched run ends the same way (:func:`stackllama.modeling.end_process`)."""
+    from .cli import fail, parse_args
+    from .modeling import end_process
+
+    setup_logging()
+    parsed = parse_args(dataclass_types, args=args, description=description) if dataclass_types else ()
+    try:
+        status = main(*parsed)
+    except USER_ERRORS as error:
+        fail(str(error))
+    end_process(status if isinstance(status, int) and not isinstance(status, bool) else 0)

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .data.template import format_example
+from .errors import InputError, MissingInputError
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def _resolve_config_dir(config: str | Path | None) -> Path:
     if path.is_file():
         path = path.parent
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"tiny model config not found: {path / 'config.json'}. Pass --tiny_model_config with the folder "
             "holding the repository's configs/tiny_model/config.json (a LlamaConfig as JSON)."
         )
@@ -84,12 +85,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
 
     Encoding prepends `<s>` like the LLaMA tokenizer; `</s>` is EOS and `<pad>` the padding token.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     texts = list(texts)
     if not texts:
-        raise ValueError("no texts to train the tokenizer on: is the finetune split empty?")
+        raise InputError("no texts to train the tokenizer on: is the finetune split empty?")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -138,7 +146,7 @@ def build_tiny_model(
     config_dir = _resolve_config_dir(config)
     model_config = AutoConfig.from_pretrained(config_dir)
     if model_config.model_type != "llama":
-        raise ValueError(f"{config_dir / 'config.json'}: expected model_type 'llama', got {model_config.model_type!r}")
+        raise InputError(f"{config_dir / 'config.json'}: expected model_type 'llama', got {model_config.model_type!r}")
 
     tokenizer = train_tokenizer(texts, vocab_size=model_config.vocab_size)
     if len(tokenizer) > model_config.vocab_size:

@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
-
 from ppo_tiny import make_policy, make_queries, make_tokenizer  # noqa: E402
+
 from stackllama.modeling import end_process  # noqa: E402
 from stackllama.ppo import PPOConfig, PPOTrainer  # noqa: E402
 

@@ -23,8 +23,8 @@ warnings.simplefilter("ignore")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
-
 from ppo_tiny import make_model, make_queries, make_tokenizer  # noqa: E402
+
 from stackllama.modeling import end_process  # noqa: E402
 from stackllama.ppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer  # noqa: E402
 

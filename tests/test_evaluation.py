@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from ppo_tiny import make_model, make_tokenizer, one_thread
 from sft_helpers import REPO, write_pairs
 from test_rl_script import reward_model, rl_rows

@@ -10,11 +10,21 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from sft_helpers import REPO, build_small_model, write_pairs
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 from trl import ModelConfig
 
 from stackllama.cli import parse_args
-from stackllama.merge import RESULTS_FILE, MergeArguments, MergeError, merge_adapter, merge_from_args
+from stackllama.merge import (
+    RESULTS_FILE,
+    MergeArguments,
+    MergeError,
+    merge_adapter,
+    merge_from_args,
+)
 from stackllama.modeling import MissingDependencyError, load_model, lora_config
 from stackllama.ppo import AutoModelForCausalLMWithValueHead
 

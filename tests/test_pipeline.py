@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 
 from stackllama import pipeline
-from stackllama.pipeline import PipelineArguments, PipelineError, StageSpec, Step, check_config, run_pipeline
+from stackllama.pipeline import (
+    PipelineArguments,
+    PipelineError,
+    StageSpec,
+    Step,
+    check_config,
+    run_pipeline,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 

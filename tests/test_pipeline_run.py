@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from interrupt_helpers import hook_env
 
 REPO = Path(__file__).resolve().parent.parent

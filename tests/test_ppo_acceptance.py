@@ -7,10 +7,14 @@ import warnings
 
 import pytest
 import torch
+from ppo_tiny import (
+    make_policy,
+    make_queries,
+    make_tokenizer,
+    one_thread,  # noqa: F401  (fixture)
+)
 
-from ppo_tiny import make_policy, make_queries, make_tokenizer
 from stackllama.ppo import PPOConfig, PPOTrainer
-from ppo_tiny import one_thread  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

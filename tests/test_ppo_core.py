@@ -2,15 +2,15 @@
 
 import math
 
+import ppo_tiny  # noqa: F401  (sets HF_HUB_OFFLINE)
 import pytest
 import torch
+from ppo_tiny import one_thread  # noqa: F401  (fixture)
 
-import ppo_tiny  # noqa: F401  (sets HF_HUB_OFFLINE)
 from stackllama.ppo import core
 from stackllama.ppo.kl_controllers import AdaptiveKLController, FixedKLController
 from stackllama.ppo.length_sampler import LengthSampler
 from stackllama.ppo.optim import AdamTFStyle
-from ppo_tiny import one_thread  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

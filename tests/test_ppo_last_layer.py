@@ -4,9 +4,12 @@
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from ppo_tiny import (
+    make_model,
+    make_tokenizer,
+    one_thread,  # noqa: F401  (fixture)
+)
 
-from ppo_tiny import make_model, make_tokenizer
-from ppo_tiny import one_thread  # noqa: F401  (fixture)
 from stackllama.ppo.last_layer import last_layer_from, last_mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -91,7 +94,12 @@ def test_gradient_checkpointing_runs_the_whole_layer():
 def test_other_layouts():
     """GPT-2 (``h`` blocks with ``attn``/``mlp``) and a Mixture-of-Experts block are cut the
     same way; a decoder without the usual layer layout is left alone."""
-    from transformers import GPT2Config, GPT2LMHeadModel, MixtralConfig, MixtralForCausalLM
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        MixtralConfig,
+        MixtralForCausalLM,
+    )
 
     torch.manual_seed(0)
     models = [

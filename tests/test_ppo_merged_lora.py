@@ -4,9 +4,14 @@ same function without the adapter path, and the base weights untouched afterward
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from ppo_tiny import (
+    make_model,
+    make_tokenizer,
+    make_trainer,
+    one_thread,  # noqa: F401  (fixture)
+    rollout,
+)
 
-from ppo_tiny import make_model, make_tokenizer, make_trainer, rollout
-from ppo_tiny import one_thread  # noqa: F401  (fixture)
 from stackllama.ppo.merged_lora import _mergeable, merged_lora
 from stackllama.ppo.mixed_precision import Bf16Autocast
 

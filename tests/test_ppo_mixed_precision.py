@@ -3,9 +3,15 @@ change no result they claim not to change, and leave the model as they found it.
 
 import pytest
 import torch
+from ppo_tiny import (
+    make_model,
+    make_policy,
+    make_queries,
+    make_tokenizer,
+    make_trainer,
+    one_thread,  # noqa: F401  (fixture)
+)
 
-from ppo_tiny import make_model, make_policy, make_queries, make_tokenizer, make_trainer
-from ppo_tiny import one_thread  # noqa: F401  (fixture)
 from stackllama.ppo.mixed_precision import FP32_SDPA, Bf16Autocast
 
 pytestmark = pytest.mark.usefixtures("one_thread")

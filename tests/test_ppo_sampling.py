@@ -3,9 +3,14 @@ samples what transformers' generate samples, and how rows end."""
 
 import pytest
 import torch
+from ppo_tiny import (
+    make_model,
+    make_queries,
+    make_tokenizer,
+    make_trainer,
+    one_thread,  # noqa: F401  (fixture)
+)
 
-from ppo_tiny import make_model, make_queries, make_tokenizer, make_trainer
-from ppo_tiny import one_thread  # noqa: F401  (fixture)
 from stackllama.ppo import sampling
 
 pytestmark = pytest.mark.usefixtures("one_thread")

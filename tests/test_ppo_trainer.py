@@ -9,12 +9,27 @@ import warnings
 
 import pytest
 import torch
+from ppo_tiny import (
+    make_model,
+    make_policy,
+    make_queries,
+    make_tokenizer,
+    make_trainer,
+    one_thread,  # noqa: F401  (fixture)
+    rollout,
+    same_weights,
+    trainable_snapshot,
+)
 
-from ppo_tiny import make_model, make_policy, make_queries, make_tokenizer, make_trainer, rollout, same_weights, trainable_snapshot
-from stackllama.ppo import AutoModelForCausalLMWithValueHead, LengthSampler, NonFiniteError, PPOConfig, PPOTrainer
+from stackllama.ppo import (
+    AutoModelForCausalLMWithValueHead,
+    LengthSampler,
+    NonFiniteError,
+    PPOConfig,
+    PPOTrainer,
+)
 from stackllama.ppo.guards import degenerate_mask
 from stackllama.ppo.optim import AdamTFStyle
-from ppo_tiny import one_thread  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

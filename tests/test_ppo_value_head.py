@@ -6,10 +6,14 @@ import warnings
 import pytest
 import torch
 from peft import LoraConfig
+from ppo_tiny import (
+    make_model,
+    make_policy,
+    make_tokenizer,
+    one_thread,  # noqa: F401  (fixture)
+)
 
-from ppo_tiny import make_model, make_policy, make_tokenizer
 from stackllama.ppo import AutoModelForCausalLMWithValueHead
-from ppo_tiny import one_thread  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,9 +79,8 @@ def test_lora_save_load_keeps_value_head(tok, tmp_path):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_base_with_lora_ppo_step(tok, tmp_path, bits):
-    from transformers import BitsAndBytesConfig
-
     from ppo_tiny import make_trainer, rollout, same_weights, trainable_snapshot
+    from transformers import BitsAndBytesConfig
 
     make_model(tok).save_pretrained(tmp_path / "base")
     q = (
@@ -118,7 +121,12 @@ def test_full_model_save_load_keeps_value_head(tok, tmp_path):
 def scaled_logits_model(tok, kind: str):
     """A tiny Cohere (logits x logit_scale) or Gemma-2 (logits soft-capped) model: their
     logits are more than the LM head's output. Scales chosen so the difference is large."""
-    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
+    from transformers import (
+        CohereConfig,
+        CohereForCausalLM,
+        Gemma2Config,
+        Gemma2ForCausalLM,
+    )
 
     common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,

@@ -8,6 +8,7 @@ import sys
 import pytest
 from sft_helpers import REPO
 
+from stackllama.atomic import replace_dir
 from stackllama.report import (
     PPO_PLOT,
     REWARD_PLOT,
@@ -20,7 +21,6 @@ from stackllama.report import (
     read_ppo_log,
     verdict,
 )
-from stackllama.stage import replace_dir
 
 
 def trainer_state(rows):

@@ -12,17 +12,16 @@ from __future__ import annotations
 import json
 import shutil
 
+import ppo_tiny
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from interrupt_helpers import PYTHON, REPO, hook_env, kill_when, run
-import ppo_tiny
 from ppo_tiny import make_model, make_policy, make_queries, make_tokenizer
+from safetensors.torch import load_file
 from sft_helpers import write_pairs
 from test_rl_script import reward_model, rl_rows
 
-from stackllama.checkpoint import MARKER, checkpoints, latest_checkpoint
+from stackllama.resume import MARKER, checkpoints, latest_checkpoint
 
 one_thread = ppo_tiny.one_thread  # the fixture, for the in-process test
 STEPS, SAVE_FREQ = 6, 2
@@ -163,8 +162,8 @@ def test_lora_policy_checkpoint_round_trip(tmp_path):
 def test_which_checkpoint_a_run_starts_from(uninterrupted, tmp_path):
     """`latest` takes the newest complete checkpoint (none: a fresh start); a named folder must be
     complete; a fresh start refuses a folder holding an earlier run's checkpoints."""
-    from stackllama.checkpoint import CheckpointError
-    from stackllama.rl import checkpoint_to_resume
+    from stackllama.ppo.recipe import checkpoint_to_resume
+    from stackllama.resume import CheckpointError
 
     assert checkpoint_to_resume("latest", uninterrupted) == uninterrupted / "checkpoint-6"
     assert checkpoint_to_resume(str(uninterrupted / "checkpoint-4"), uninterrupted) == uninterrupted / "checkpoint-4"
@@ -251,7 +250,7 @@ def test_killed_inside_a_checkpoint_write_resumes_from_the_previous_one(run_dir,
 
 
 NAN_AT_STEP_3 = """
-from stackllama import reward_function as _reward_function
+from stackllama import reward_scoring as _reward_function
 
 _call = _reward_function.RewardFunction.__call__
 _calls = [0]

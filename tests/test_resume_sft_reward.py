@@ -26,8 +26,8 @@ from interrupt_helpers import run as run_to_end
 from safetensors.torch import load_file
 from sft_helpers import small_run_args, small_stage_inputs
 
-from stackllama.checkpoint import MARKER, checkpoints, latest_checkpoint
 from stackllama.hf_trainer import STAGE_STATE, NonFiniteError, NonFiniteGuard
+from stackllama.resume import MARKER, checkpoints, latest_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -240,7 +240,7 @@ def test_a_nan_gradient_stops_the_reward_step_before_clipping(small, tmp_path, m
     from trl import ModelConfig, RewardConfig
 
     from stackllama.cli import parse_args
-    from stackllama.reward import RewardScriptArguments
+    from stackllama.reward_modeling import RewardScriptArguments
 
     args = parse_args((RewardScriptArguments, RewardConfig, ModelConfig), args=command("reward", small, out)[2:])
     with pytest.raises(NonFiniteError) as error:
@@ -281,7 +281,7 @@ def test_guard_names_the_tensor_and_passes_finite_steps():
 def test_resume_from_a_named_incomplete_checkpoint_is_a_one_line_error(small, tmp_path):
     from sft_helpers import load_sft_script, parse_sft_args
 
-    from stackllama.checkpoint import CheckpointError
+    from stackllama.resume import CheckpointError
 
     half = tmp_path / "out" / "checkpoint-2"
     half.mkdir(parents=True)

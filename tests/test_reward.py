@@ -10,7 +10,7 @@ import pytest
 import torch
 from sft_helpers import REPO, build_small_model, pair_rows, write_pairs
 
-from stackllama.reward import (
+from stackllama.reward_modeling import (
     load_reward_model,
     pair_metrics,
     pairwise_loss,
@@ -275,7 +275,7 @@ def test_shipped_configs_parse(name):
     from trl import ModelConfig, RewardConfig
 
     from stackllama.cli import parse_args
-    from stackllama.reward import RewardScriptArguments
+    from stackllama.reward_modeling import RewardScriptArguments
 
     extra = ["--bf16", "false"] if not torch.cuda.is_available() else []  # the 7B config asks for bf16
     script, train, model = parse_args((RewardScriptArguments, RewardConfig, ModelConfig),

@@ -7,12 +7,11 @@ import sys
 
 import pytest
 import torch
-
 from ppo_tiny import make_model, make_tokenizer, one_thread  # noqa: F401  (fixture)
 from sft_helpers import REPO, write_pairs
 
-from stackllama.reward_function import RewardFunction, same_tokenizer
-from stackllama.rl import RLScriptArguments, build_query_dataset
+from stackllama.ppo.recipe import RLScriptArguments, build_query_dataset
+from stackllama.reward_scoring import RewardFunction, same_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -169,7 +168,7 @@ def test_reward_fast_path_falls_back_when_bpe_reencoding_differs(caplog):
     assert fn.shares_tokenizer and fn.use_fast_path is None
     by_text, by_ids = fn.score_texts(texts), fn.score_token_ids(queries, responses)
     assert max(abs(a - b) for a, b in zip(by_text, by_ids)) > 1e-4  # the paths read different tokens
-    with caplog.at_level(logging.INFO, logger="stackllama.reward_function"):
+    with caplog.at_level(logging.INFO, logger="stackllama.reward_scoring"):
         scores = fn(texts, queries, responses)
     assert fn.use_fast_path is False
     assert scores == pytest.approx(by_text, abs=1e-6)

@@ -8,12 +8,18 @@ import sys
 
 import pytest
 import torch
-from sft_helpers import REPO, build_small_model, load_sft_script, parse_sft_args, small_run_args, write_pairs
+from sft_helpers import (
+    REPO,
+    build_small_model,
+    load_sft_script,
+    parse_sft_args,
+    small_run_args,
+    write_pairs,
+)
 from trl import SFTConfig
 
 from stackllama.data.template import format_example, format_prompt
 from stackllama.modeling import MissingDependencyError, load_model, load_tokenizer
-from stackllama.stage import configure_reporting
 from stackllama.sft import (
     RESULTS_FILE,
     SFTScriptArguments,
@@ -22,6 +28,7 @@ from stackllama.sft import (
     load_sft_datasets,
     non_pad_share,
 )
+from stackllama.stage import configure_reporting
 
 
 @pytest.fixture(scope="module")

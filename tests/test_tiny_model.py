@@ -6,7 +6,12 @@ import pytest
 from sft_helpers import REPO, build_small_model, write_pairs, write_small_config
 
 from stackllama.data.template import format_example, format_prompt
-from stackllama.tiny_model import BUILD_INFO_FILE, build_tiny_model, is_built, train_tokenizer
+from stackllama.tiny_model import (
+    BUILD_INFO_FILE,
+    build_tiny_model,
+    is_built,
+    train_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import DumpError
+
 # Sites whose domain is not <name>.stackexchange.com.
 _TOP_LEVEL_SITES = {
     "stackoverflow": "stackoverflow.com",
@@ -29,9 +31,6 @@ _TOP_LEVEL_SITES = {
     "mathoverflow": "mathoverflow.net",
 }
 
-
-class DumpError(Exception):
-    """A problem with a whole input file: its message names the file and the position."""
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import InputError, MissingInputError
+
 SUBSETS = ("finetune", "reward", "rl", "evaluation")
 
 
 def _check_subset(subset: str) -> None:
     if subset not in SUBSETS:
-        raise ValueError(f"unknown subset {subset!r}: expected one of {', '.join(SUBSETS)}")
+        raise InputError(f"unknown subset {subset!r}: expected one of {', '.join(SUBSETS)}")
 
 
 def check_data_dir(data: str) -> None:
@@ -23,7 +25,7 @@ def check_data_dir(data: str) -> None:
     path = Path(data)
     looks_local = path.is_absolute() or data.startswith(".") or data.count("/") != 1
     if looks_local and not path.exists():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"data folder {data} does not exist: create it with `python scripts/prepare_data.py --output_dir {data}` "
             "or pass --data_dir with a prepared folder or a Hub dataset id (owner/name)"
         )
@@ -41,7 +43,7 @@ def load_pairs(data: str | Path, subset: str, streaming: bool = False):
     if path.exists():
         files = path / "pairs" / subset
         if not any(files.glob("*.parquet")):
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{files}: no parquet files; is {path} the output folder of scripts/prepare_data.py?"
             )
         return load_dataset("parquet", data_files=str(files / "*.parquet"), split="train", streaming=streaming)
@@ -56,7 +58,7 @@ def load_preferences(data: str | Path, streaming: bool = False):
     if path.exists():
         files = path / "preferences"
         if not any(files.glob("*.parquet")):
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{files}: no parquet files; is {path} the output folder of scripts/prepare_data.py?"
             )
         return load_dataset("parquet", data_files=str(files / "*.parquet"), split="train", streaming=streaming)

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..errors import InputError
+
 SUBSETS = ("finetune", "reward", "rl", "evaluation")
 
 
@@ -57,9 +59,9 @@ def assign_splits(n: int, fractions: Sequence[float], seed: int) -> np.ndarray:
     About 9 bytes per question at the peak, so Stack Overflow's ~24M questions fit easily.
     """
     if len(fractions) != len(SUBSETS):
-        raise ValueError(f"expected {len(SUBSETS)} fractions, got {len(fractions)}")
+        raise InputError(f"expected {len(SUBSETS)} fractions, got {len(fractions)}")
     if any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ValueError(f"split fractions must be >= 0 and sum to 1, got {list(fractions)}")
+        raise InputError(f"split fractions must be >= 0 and sum to 1, got {list(fractions)}")
     perm = np.random.default_rng(seed).permutation(n)
     split = np.empty(n, dtype=np.int8)
     start = 0

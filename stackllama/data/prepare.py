@@ -24,12 +24,19 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..errors import InputError, OutputExistsError
 from .dumps import DumpError, DumpSource, iter_rows, parse_tags, resolve_dump
 from .markdown import html_to_markdown
 from .pairs import SUBSETS, assign_splits, sample_pairs
 from .scoring import pm_score
 from .store import PostStore, QuestionGroup
-from .writer import PAIR_SCHEMA, PREFERENCE_SCHEMA, ShardedParquetWriter, dataset_card, format_summary
+from .writer import (
+    PAIR_SCHEMA,
+    PREFERENCE_SCHEMA,
+    ShardedParquetWriter,
+    dataset_card,
+    format_summary,
+)
 
 # Planted in every site's dump since 2024 to trace copies; they are not real posts.
 FAKE_POST_IDS = frozenset({1000000001, 1000000010})
@@ -279,7 +286,7 @@ def _replace_dir(tmp: Path, output_dir: Path, overwrite: bool) -> None:
     old = None
     if output_dir.exists():
         if not overwrite:
-            raise FileExistsError(f"{output_dir} exists; pass --overwrite to replace it")
+            raise OutputExistsError(f"{output_dir} exists; pass --overwrite to replace it")
         old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
         os.rename(output_dir, old)
     os.rename(tmp, output_dir)
@@ -297,12 +304,12 @@ def prepare_dataset(dumps: list[str], output_dir: str | os.PathLike, options: Pr
     """
     opts = options or PrepareOptions()
     if not dumps:
-        raise ValueError("no dumps given")
+        raise InputError("no dumps given")
     if opts.max_pairs_per_question < 1:
-        raise ValueError(f"max_pairs_per_question must be >= 1, got {opts.max_pairs_per_question}")
+        raise InputError(f"max_pairs_per_question must be >= 1, got {opts.max_pairs_per_question}")
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"{output_dir} exists; pass --overwrite to replace it")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

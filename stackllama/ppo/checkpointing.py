@@ -13,7 +13,7 @@ A checkpoint folder ``checkpoint-<step>/`` holds
   extra state (the script's history);
 - ``rng_state_<rank>.pt``: each process's random generators (Python, NumPy, torch, CUDA),
   the data-order and minibatch-permutation generators, and the caller's samplers;
-- ``checkpoint_complete.json``: the completion marker, written last (``stackllama.checkpoint``).
+- ``checkpoint_complete.json``: the completion marker, written last (``stackllama.resume``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..errors import InputError
 
 PREFIX = "checkpoint"
 TRAINER_STATE = "trainer_state.json"
@@ -44,7 +46,7 @@ def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
 
 
 def encode_rng(state: dict) -> dict:
-    """``checkpoint.rng_state()`` with NumPy's key array as a tensor, so that the file loads
+    """``resume.rng_state()`` with NumPy's key array as a tensor, so that the file loads
     with ``weights_only=True`` (no pickled NumPy objects to trust)."""
     name, keys, pos, has_gauss, gauss = state["numpy"]
     return {**state, "numpy": (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
@@ -76,11 +78,11 @@ def load_policy_weights(model, directory: str | os.PathLike) -> None:
 
         adapter = directory / "adapter_model.safetensors"
         if not adapter.is_file():
-            raise ValueError(f"{directory}: no adapter_model.safetensors, but the policy has LoRA adapters")
+            raise InputError(f"{directory}: no adapter_model.safetensors, but the policy has LoRA adapters")
         result = set_peft_model_state_dict(model.pretrained_model, load_file(str(adapter)))
         unexpected = list(getattr(result, "unexpected_keys", []) or [])
         if unexpected:
-            raise ValueError(f"{directory}: adapter weights that the policy does not have: {unexpected[:5]}")
+            raise InputError(f"{directory}: adapter weights that the policy does not have: {unexpected[:5]}")
         return
     index = directory / "model.safetensors.index.json"
     if index.is_file():
@@ -92,7 +94,7 @@ def load_policy_weights(model, directory: str | os.PathLike) -> None:
     for name in files:
         path = directory / name
         if not path.is_file():
-            raise ValueError(f"{directory}: {name} is missing; the checkpoint holds no full weights")
+            raise InputError(f"{directory}: {name} is missing; the checkpoint holds no full weights")
         shard = load_file(str(path))
         result = lm.load_state_dict(shard, strict=False)
         unexpected += result.unexpected_keys
@@ -101,7 +103,7 @@ def load_policy_weights(model, directory: str | os.PathLike) -> None:
     loaded_ptrs = {state[k].data_ptr() for k in loaded if k in state}
     missing = [k for k in state if k not in loaded and state[k].data_ptr() not in loaded_ptrs]  # tied weights are found
     if unexpected or missing:
-        raise ValueError(f"{directory}: the saved weights do not fit the policy (missing {missing[:5]}, "
+        raise InputError(f"{directory}: the saved weights do not fit the policy (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]})")
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+from ..errors import InputError
+
 
 @dataclass
 class PPOConfig:
@@ -211,14 +213,14 @@ class PPOConfig:
         from .core import KL_PENALTIES
 
         if self.kl_penalty not in KL_PENALTIES:
-            raise ValueError(f"kl_penalty must be one of {KL_PENALTIES}, got {self.kl_penalty!r}")
+            raise InputError(f"kl_penalty must be one of {KL_PENALTIES}, got {self.kl_penalty!r}")
         if self.lr_schedule not in ("constant", "linear"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'linear', got {self.lr_schedule!r}")
+            raise InputError(f"lr_schedule must be 'constant' or 'linear', got {self.lr_schedule!r}")
         if self.use_score_norm and not self.use_score_scaling:
-            raise ValueError("use_score_norm needs use_score_scaling=True (as in TRL).")
+            raise InputError("use_score_norm needs use_score_scaling=True (as in TRL).")
         for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+                raise InputError(f"{name} must be >= 1")
         if self.stop_token_ids is not None:
             self.stop_token_ids = [int(t) for t in self.stop_token_ids]
 

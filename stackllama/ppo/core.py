@@ -17,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
+
 # ---------------------------------------------------------------------------------------
 # log-probabilities
 # ---------------------------------------------------------------------------------------
@@ -88,7 +90,7 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     if unbiased:
         n = mask.sum()
         if n <= 1:
-            raise ValueError(
+            raise InputError(
                 "masked_var: need at least two unmasked elements for the unbiased variance "
                 f"(got {int(n)}); use a larger batch or unbiased=False."
             )
@@ -135,7 +137,7 @@ def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kind: str = "kl
         return 0.5 * (logprob - ref_logprob).square()
     if kind == "full":
         return (logprob.exp() * (logprob - ref_logprob)).sum(-1)
-    raise ValueError(f"kl_penalty must be one of {KL_PENALTIES}, got {kind!r}")
+    raise InputError(f"kl_penalty must be one of {KL_PENALTIES}, got {kind!r}")
 
 
 def per_token_rewards(

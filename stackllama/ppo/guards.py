@@ -10,10 +10,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-
-class NonFiniteError(FloatingPointError):
-    """A NaN or inf was found in rewards, loss or gradients; the step was stopped before
-    anything reached the weights."""
+from ..errors import InputError, NonFiniteError
 
 
 def check_finite(name: str, tensor: torch.Tensor, hint: str = "", step: int | None = None) -> None:
@@ -37,7 +34,7 @@ def refuse_low_precision_training(named_parameters) -> None:
     low = [(name, p.dtype) for name, p in named_parameters if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)]
     if low:
         name, dtype = low[0]
-        raise ValueError(
+        raise InputError(
             f"{len(low)} trainable parameter(s) are {str(dtype).replace('torch.', '')} (e.g. {name}): the optimizer "
             "would update them with no fp32 master copy, and updates of the learning rate's size round away. Load "
             "the weights in fp32 (--dtype float32) and compute in bf16 with --bf16_autocast or accelerate's "
@@ -124,7 +121,7 @@ def check_generation_kwargs(kwargs: dict, generation_config, vocab_size: int, al
             "PPOConfig(allow_eos_suppression=True) to proceed anyway."
         )
         if not allow_eos_suppression:
-            raise ValueError(msg)
+            raise InputError(msg)
         warnings.warn(msg, stacklevel=3)
     eos = kwargs.get("eos_token_id")
     if eos is not None:

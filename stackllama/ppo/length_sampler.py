@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import random
 
+from ..errors import InputError
+
 
 class LengthSampler:
     """Uniform integer in ``[min_value, max_value)`` (upper bound excluded, as in TRL)."""
 
     def __init__(self, min_value: int, max_value: int, seed: int | None = None) -> None:
         if max_value <= min_value:
-            raise ValueError(f"LengthSampler needs min_value < max_value, got [{min_value}, {max_value})")
+            raise InputError(f"LengthSampler needs min_value < max_value, got [{min_value}, {max_value})")
         self.values = list(range(min_value, max_value))
         self._rng = random.Random(seed) if seed is not None else random
 

@@ -44,7 +44,8 @@ from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .. import checkpoint
+from .. import resume
+from ..errors import InputError
 from ..modeling import process_state
 from . import checkpointing as ckpt
 from . import core, sampling
@@ -141,7 +142,7 @@ class PPOTrainer:
         if self.accelerator.distributed_type == DistributedType.FSDP:
             # Every forward of an FSDP model is a collective, and the ranks sample responses of
             # different lengths: generation would hang. ZeRO-3 gathers the weights for it.
-            raise ValueError("the PPO trainer does not run under FSDP (generation on sharded weights would hang); "
+            raise InputError("the PPO trainer does not run under FSDP (generation on sharded weights would hang); "
                              "for sharded weights use accelerate_configs/deepspeed_zero3.yaml")
         self.is_deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         self.is_zero3 = self.is_deepspeed and self.accelerator.state.deepspeed_plugin.zero_stage == 3
@@ -164,7 +165,9 @@ class PPOTrainer:
             ref_model.requires_grad_(False)
             ref_model.eval()
             if self.is_deepspeed:  # ZeRO-3: sharded like the policy; otherwise a whole copy per process
-                from trl.models.utils import prepare_deepspeed  # imported only here: TRL costs ~250 MB of RSS
+                from trl.models.utils import (
+                    prepare_deepspeed,  # imported only here: TRL costs ~250 MB of RSS
+                )
 
                 ref_model = prepare_deepspeed(ref_model, self.accelerator)
             elif not (getattr(ref_model, "is_loaded_in_8bit", False) or getattr(ref_model, "is_loaded_in_4bit", False)):
@@ -332,7 +335,9 @@ class PPOTrainer:
         # must run as many forwards as the slowest (`synced_gpus`) or the collectives hang.
         unwrapped = contextlib.nullcontext(model)
         if self.is_deepspeed:
-            from trl.models.utils import unwrap_model_for_generation  # imported only here: ~250 MB of RSS
+            from trl.models.utils import (
+                unwrap_model_for_generation,  # imported only here: ~250 MB of RSS
+            )
 
             gather = self.config.ds3_gather_for_generation
             if self.is_zero3 and not gather:
@@ -456,9 +461,9 @@ class PPOTrainer:
         t_start = time.perf_counter()
         device = self.accelerator.device
         if not (len(queries) == len(responses) == len(scores)) or len(queries) == 0:
-            raise ValueError(f"step() needs equally many queries/responses/scores, got {len(queries)}/{len(responses)}/{len(scores)}")
+            raise InputError(f"step() needs equally many queries/responses/scores, got {len(queries)}/{len(responses)}/{len(scores)}")
         if any(len(q) == 0 for q in queries) or any(len(r) == 0 for r in responses):
-            raise ValueError("step() got an empty query or response")
+            raise InputError("step() got an empty query or response")
         queries = [q.to(device) for q in queries]
         responses = [r.to(device) for r in responses]
         scores = torch.stack([torch.as_tensor(s, dtype=torch.float32).reshape(()) for s in scores]).to(device)
@@ -936,9 +941,9 @@ class PPOTrainer:
         acc = self.accelerator
         final = ckpt.checkpoint_dir(output_dir, self.current_step)
         if acc.is_main_process:
-            checkpoint.clear_staging(final)
+            resume.clear_staging(final)
         acc.wait_for_everyone()
-        staging = checkpoint.staging_dir(final)
+        staging = resume.staging_dir(final)
         self.save_pretrained(str(staging))  # the policy, reloadable as it is
         if acc.is_main_process and not self.is_deepspeed:
             torch.save(self.optimizer.state_dict(), staging / ckpt.OPTIMIZER_FILE)
@@ -951,13 +956,13 @@ class PPOTrainer:
                               "batches_per_epoch": len(self.dataloader) if self.dataloader is not None else None},
                      "extra": extra or {}}
             (staging / ckpt.TRAINER_STATE).write_text(json.dumps(state, indent=1) + "\n")
-        rng = {"rng": ckpt.encode_rng(checkpoint.rng_state()), "perm_generator": self._perm_gen.get_state(),
+        rng = {"rng": ckpt.encode_rng(resume.rng_state()), "perm_generator": self._perm_gen.get_state(),
                "data_epoch_start": self._epoch_start_state, **{k: v.state_dict() for k, v in stateful.items()}}
         torch.save(rng, staging / ckpt.rng_file(acc.process_index))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            checkpoint.finalize(staging, final, {"stage": "ppo", "step": self.current_step})
-            checkpoint.prune(output_dir, ckpt.PREFIX, save_total_limit)
+            resume.finalize(staging, final, {"stage": "ppo", "step": self.current_step})
+            resume.prune(output_dir, ckpt.PREFIX, save_total_limit)
             logger.info("saved %s (%.2f s)", final, time.perf_counter() - start)
         acc.wait_for_everyone()
         return final
@@ -973,19 +978,19 @@ class PPOTrainer:
         batches = len(self.dataloader) if self.dataloader is not None else None
         saved = (state["num_processes"], state["batch_size"], state["data"]["batches_per_epoch"])
         if saved != (acc.num_processes, self.config.batch_size, batches):
-            raise ValueError(
+            raise InputError(
                 f"{directory} was written by {saved[0]} process(es) with batch_size {saved[1]} and {saved[2]} batches per "
                 f"epoch; this run has {acc.num_processes}, {self.config.batch_size} and {batches}. Resume with the same "
                 "processes, batch size and queries, or start a new run.")
         if self.is_deepspeed:  # trainable weights and optimizer shards, each process its own
             if not (directory / ckpt.DEEPSPEED_DIR).is_dir():
-                raise ValueError(f"{directory} was not written under DeepSpeed (no {ckpt.DEEPSPEED_DIR}/); resume it "
+                raise InputError(f"{directory} was not written under DeepSpeed (no {ckpt.DEEPSPEED_DIR}/); resume it "
                                  "with the launcher that wrote it")
             self.model.load_checkpoint(str(directory / ckpt.DEEPSPEED_DIR), tag=ckpt.DEEPSPEED_TAG,
                                        load_module_strict=False, load_lr_scheduler_states=False)
         else:
             if (directory / ckpt.DEEPSPEED_DIR).is_dir():
-                raise ValueError(f"{directory} was written under DeepSpeed; resume it under the same DeepSpeed config")
+                raise InputError(f"{directory} was written under DeepSpeed; resume it under the same DeepSpeed config")
             ckpt.load_policy_weights(self.unwrapped_model, directory)
             optimizer_state = torch.load(directory / ckpt.OPTIMIZER_FILE, map_location="cpu", weights_only=True)
             self.optimizer.load_state_dict(optimizer_state)  # moved to the parameters' device
@@ -1000,7 +1005,7 @@ class PPOTrainer:
             obj.load_state_dict(rng[name])
         self._perm_gen.set_state(rng["perm_generator"])
         self._epoch_start_state = rng["data_epoch_start"]
-        checkpoint.set_rng_state(ckpt.decode_rng(rng["rng"]))
+        resume.set_rng_state(ckpt.decode_rng(rng["rng"]))
         return state["extra"]
 
     def state_dict(self) -> dict:

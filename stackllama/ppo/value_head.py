@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import InputError
 from .last_layer import last_layer_from
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -113,7 +114,7 @@ class ValueHead(nn.Module):
             nn.init.normal_(self.summary.weight, std=init_std)
             nn.init.zeros_(self.summary.bias)
         elif init != "default":
-            raise ValueError(f"value head init must be default/zeros/normal, got {init!r}")
+            raise InputError(f"value head init must be default/zeros/normal, got {init!r}")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden.to(self.summary.weight.dtype)
@@ -186,7 +187,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
     def disable_adapter(self):
         """Context in which the model is the reference policy (LoRA adapters off)."""
         if not self.is_peft_model:
-            raise ValueError("disable_adapter() needs a PEFT model; pass an explicit ref_model instead.")
+            raise InputError("disable_adapter() needs a PEFT model; pass an explicit ref_model instead.")
         return self.pretrained_model.disable_adapter()
 
     # ------------------------------------------------------------------ compute

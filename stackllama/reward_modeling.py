@@ -23,11 +23,12 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import run_layout
 from .data.template import format_example
 
 logger = logging.getLogger(__name__)
 
-RESULTS_FILE = "reward_results.json"  # written last: its presence marks a completed stage
+RESULTS_FILE = run_layout.REWARD_RESULTS  # written last: its presence marks a completed stage
 GAP_BUCKETS = ("1", "2", "3+")
 
 
@@ -214,20 +215,6 @@ def restore_score_head_dtype(model, training_args) -> int:
 
 
 # --------------------------------------------------------------------------- models
-
-
-def default_sft_model(output_dir: str) -> str:
-    """The SFT stage's model beside this run's output: merged weights if present, else the SFT folder."""
-    from .stage import run_dir
-
-    run = run_dir(output_dir)
-    for candidate in (run / "sft-merged", run / "sft"):
-        if (candidate / "config.json").is_file():
-            return str(candidate)
-    raise FileNotFoundError(
-        f"no SFT model in {run / 'sft-merged'} or {run / 'sft'} (full weights): run scripts/sft.py with --merge "
-        "first, or pass --model_name_or_path"
-    )
 
 
 def load_reward_model(path: str, dtype: str | None = None, trust_remote_code: bool = False, device=None):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from stackllama.checkpoint import (
+from stackllama.resume import (
     MARKER,
     CheckpointError,
     checkpoints,

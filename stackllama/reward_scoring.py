@@ -6,10 +6,10 @@
   `transformers` text-classification pipeline with `function_to_apply="none"`, so the
   score is the raw logit of the one-output head (the recipe used `outputs[0]["score"]`
   of the same pipeline). EOS is appended first (`append_eos`), as in reward training
-  (`stackllama.reward.reward_text`), because the reward model reads its score at EOS.
+  (`stackllama.reward_modeling.reward_text`), because the reward model reads its score at EOS.
 - **fast path** (the reward model shares the policy's tokenizer): the policy's own token ids,
   `query_ids + response_ids (+ EOS)`, are scored directly with
-  `stackllama.reward.score_ids`; no decode / re-encode.
+  `stackllama.reward_modeling.score_ids`; no decode / re-encode.
 
 The two paths agree exactly when re-encoding `query + response` gives back
 `query_ids + response_ids`. That holds for the test tokenizers but not always for BPE or
@@ -29,6 +29,8 @@ import logging
 from typing import Sequence
 
 import torch
+
+from .errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ class RewardFunction:
         device=None,
     ) -> None:
         if fast_path not in FAST_PATH_MODES:
-            raise ValueError(f"reward fast_path must be one of {FAST_PATH_MODES}, got {fast_path!r}")
+            raise InputError(f"reward fast_path must be one of {FAST_PATH_MODES}, got {fast_path!r}")
         if getattr(model, "peft_config", None) is not None and hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()  # a LoRA reward model: plain weights for the pipeline
         if device is not None:
@@ -75,16 +77,16 @@ class RewardFunction:
         self.append_eos = append_eos
         self.shares_tokenizer = policy_tokenizer is not None and same_tokenizer(policy_tokenizer, tokenizer)
         if fast_path == "on" and not self.shares_tokenizer:
-            raise ValueError("reward fast_path 'on' needs a reward model with the policy's tokenizer; use 'auto' or 'off'")
+            raise InputError("reward fast_path 'on' needs a reward model with the policy's tokenizer; use 'auto' or 'off'")
         # None: undecided ("auto", decided on the first batch that brings token ids)
         self.use_fast_path = {"on": True, "off": False, "auto": None if self.shares_tokenizer else False}[fast_path]
         self._pipeline = None
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: str | None = None, trust_remote_code: bool = False, **kwargs):
-        """Load a saved reward model (full weights or LoRA, see `stackllama.reward.load_reward_model`),
+        """Load a saved reward model (full weights or LoRA, see `stackllama.reward_modeling.load_reward_model`),
         straight onto `device` when that is an accelerator."""
-        from .reward import load_reward_model
+        from .reward_modeling import load_reward_model
 
         model, tokenizer = load_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                              device=kwargs.get("device"))
@@ -128,8 +130,8 @@ class RewardFunction:
         return sequences
 
     def score_token_ids(self, query_ids, response_ids) -> list[float]:
-        """Fast path: the policy's token ids scored directly (`stackllama.reward.score_ids`)."""
-        from .reward import score_ids
+        """Fast path: the policy's token ids scored directly (`stackllama.reward_modeling.score_ids`)."""
+        from .reward_modeling import score_ids
 
         sequences = self.token_sequences(query_ids, response_ids)
         return score_ids(self.model, sequences, self.tokenizer.pad_token_id, self.batch_size).tolist()

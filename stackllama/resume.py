@@ -14,7 +14,6 @@ restart of a pre-empted job.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -26,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .stage import replace_dir
+from .atomic import replace_dir, write_json
+from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +34,6 @@ MARKER = "checkpoint_complete.json"
 PARTIAL_SUFFIX = ".partial"
 LATEST = "latest"
 
-
-class CheckpointError(ValueError):
-    """A checkpoint asked for by path that is missing or incomplete."""
 
 
 # --------------------------------------------------------------------------- writing
@@ -64,10 +61,7 @@ def clear_staging(final: str | os.PathLike) -> Path:
 def finalize(staging: str | os.PathLike, final: str | os.PathLike, info: dict | None = None) -> Path:
     """Write the completion marker into `staging`, then rename it to `final` (replacing an older `final`)."""
     staging, final = Path(staging), Path(final)
-    marker = {"completed_at": time.time(), **(info or {})}
-    tmp = staging / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(marker, indent=2, default=str) + "\n")
-    os.replace(tmp, staging / MARKER)
+    write_json(staging / MARKER, {"completed_at": time.time(), **(info or {})})
     replace_dir(staging, final)  # the same step saved again (a resumed run) replaces the older one
     return final
 

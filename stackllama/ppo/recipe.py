@@ -3,8 +3,6 @@
 - `RLScriptArguments`: the script's own flags beside `PPOConfig` and TRL's `ModelConfig`;
 - `build_query_dataset`: `Question: q\\n\\nAnswer: ` queries from the `rl` subset, tokenized,
   those longer than `max_prompt_length` tokens dropped and counted;
-- `default_policy_model` / `default_reward_model`: `runs/<run>/sft-merged` (full weights) and
-  `runs/<run>/reward` beside the output folder, with one-line errors when a stage has not run;
 - `load_policy`: the SFT model (optionally 8/4-bit) with LoRA adapters and a value head.
 """
 
@@ -14,12 +12,13 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data.template import format_prompt
+from .. import run_layout
+from ..data.template import format_prompt
+from ..errors import InputError
 
 logger = logging.getLogger(__name__)
 
-RESULTS_FILE = "ppo_results.json"
-LOG_FILE = "ppo_log.jsonl"
+RESULTS_FILE, LOG_FILE = run_layout.PPO_RESULTS, run_layout.PPO_LOG
 
 
 @dataclass
@@ -76,11 +75,11 @@ def build_query_dataset(data_dir: str, tokenizer, max_prompt_length: int | None 
     Queries are `format_prompt(question)`; those over `max_prompt_length` tokens are dropped
     and their number returned (the recipe kept prompts under 512 tokens).
     """
-    from .data.loading import load_pairs
+    from ..data.loading import load_pairs
 
     dataset = load_pairs(data_dir, subset)
     if "question" not in dataset.column_names:
-        raise ValueError(f"{data_dir} ({subset}): no `question` column; found {dataset.column_names}")
+        raise InputError(f"{data_dir} ({subset}): no `question` column; found {dataset.column_names}")
     if unique_questions:
         seen: set = set()
         keep = []
@@ -110,47 +109,14 @@ def build_query_dataset(data_dir: str, tokenizer, max_prompt_length: int | None 
 # --------------------------------------------------------------------------- models
 
 
-def default_policy_model(output_dir: str) -> str:
-    """The SFT stage's full-weights model beside this run's output (`sft-merged`, else `sft`)."""
-    from .reward import default_sft_model
-
-    return default_sft_model(output_dir)
-
-
-def default_reward_model(output_dir: str) -> str:
-    """The reward stage's model beside this run's output (`runs/<run>/reward`)."""
-    from .stage import run_dir
-
-    path = run_dir(output_dir) / "reward"
-    if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
-        return str(path)
-    raise FileNotFoundError(
-        f"no reward model in {path}: run scripts/reward_modeling.py first, or pass --reward_model_name"
-    )
-
-
-def check_model_dir(path: str, what: str, flag: str, adapter_ok: bool = True) -> None:
-    """A local-looking path that does not hold a model gets a one-line error (not a Hub lookup)."""
-    p = Path(path)
-    looks_local = p.is_absolute() or path.startswith(".") or path.count("/") != 1 or p.exists()
-    if not looks_local or (p / "config.json").is_file():
-        return
-    if (p / "adapter_config.json").is_file():
-        if adapter_ok:
-            return
-        raise ValueError(f"{what} {path} is a LoRA adapter: merge it into full weights first "
-                         f"(scripts/sft.py --merge writes <output_dir>-merged) and pass that with {flag}")
-    raise FileNotFoundError(f"{what} {path} not found (no config.json or adapter_config.json there): check {flag}")
-
-
 def load_policy(model_args, tokenizer, trust_remote_code: bool = False):
     """The policy: the SFT model (8/4-bit if asked) + LoRA adapters (`--use_peft`) + a fresh value head.
 
     With LoRA, the reference policy is the same model with the adapters disabled (no second
     copy); without, `PPOTrainer` keeps a frozen copy.
     """
-    from .modeling import load_model, lora_config
-    from .ppo import AutoModelForCausalLMWithValueHead
+    from ..modeling import load_model, lora_config
+    from .value_head import AutoModelForCausalLMWithValueHead
 
     model = load_model(model_args, tokenizer, task="causal_lm", trust_remote_code=trust_remote_code)
     if model.generation_config.eos_token_id is None:
@@ -172,13 +138,13 @@ def checkpoint_to_resume(value: str | None, output_dir: str | Path) -> Path | No
     A fresh start refuses an output folder that already holds complete checkpoints: they
     belong to an earlier run, and `latest` or `--save_total_limit` would take them for this
     run's (a stale `checkpoint-60` outranks a new `checkpoint-20`)."""
-    from .checkpoint import latest_checkpoint, resolve_resume
-    from .ppo.checkpointing import PREFIX
+    from ..resume import latest_checkpoint, resolve_resume
+    from .checkpointing import PREFIX
 
     resume = resolve_resume(value, output_dir, PREFIX)
     stale = latest_checkpoint(output_dir, PREFIX) if resume is None else None
     if stale is not None:
-        raise ValueError(f"{output_dir} holds checkpoints of an earlier run ({stale.name}): continue it with "
+        raise InputError(f"{output_dir} holds checkpoints of an earlier run ({stale.name}): continue it with "
                          "--resume_from_checkpoint latest, or remove them (or choose another --output_dir) to start afresh")
     return resume
 

@@ -30,11 +30,7 @@ from transformers import set_seed
 from trl import ModelConfig
 
 from stackllama.data.loading import check_data_dir
-from stackllama.modeling import (
-    count_parameters,
-    load_tokenizer,
-    process_state,
-)
+from stackllama.modeling import count_parameters, load_tokenizer
 from stackllama.ppo import LengthSampler, PPOConfig, PPOTrainer
 from stackllama.ppo.recipe import (
     LOG_FILE,
@@ -45,6 +41,7 @@ from stackllama.ppo.recipe import (
     load_policy,
     mean,
 )
+from stackllama.processes import process_state
 from stackllama.reward_scoring import RewardFunction
 from stackllama.run_layout import (
     check_model_dir,
@@ -53,7 +50,7 @@ from stackllama.run_layout import (
 )
 from stackllama.stage import configure_reporting, run_script, write_results
 
-logger = logging.getLogger("stackllama.ppo.recipe")
+logger = logging.getLogger("stackllama.ppo")
 
 
 def main(script_args: RLScriptArguments, config: PPOConfig, model_args: ModelConfig) -> dict:

@@ -84,8 +84,8 @@ def _cpu_defaults_without_gpu(parser) -> None:
 
 def fail(message: str, prog: str | None = None) -> None:
     """Exit with status 1 and a one-line message, the way every script reports bad input
-    (through `stackllama.modeling.end_process`, as every process of a run ends)."""
-    from .modeling import end_process
+    (through `stackllama.processes.end_process`, as every process of a run ends)."""
+    from .processes import end_process
 
     prog = prog or sys.argv[0].rsplit("/", 1)[-1]
     end_process(1, f"{prog}: error: {message}")

@@ -79,9 +79,9 @@ def run_script(main: Callable, dataclass_types: Sequence[type] | None = None, de
     """A script's ``__main__``: logging, the flags (``--config`` YAML included) parsed into
     ``dataclass_types`` and passed to ``main`` (none: ``main()`` parses its own), and the end:
     a :data:`USER_ERRORS` error becomes ``<script>: error: <message>`` and exit status 1, and
-    every process of a launched run ends the same way (:func:`stackllama.modeling.end_process`)."""
+    every process of a launched run ends the same way (:func:`stackllama.processes.end_process`)."""
     from .cli import fail, parse_args
-    from .modeling import end_process
+    from .processes import end_process
 
     setup_logging()
     parsed = parse_args(dataclass_types, args=args, description=description) if dataclass_types else ()

@@ -4,7 +4,7 @@ tensor (it owns its Python object: it has an attribute and Python has dropped it
 is leaving.
 
 argv: `finalize`: rank 1 ends the usual way, with the interpreter's finalization; `end_process`:
-through stackllama.modeling.end_process, as every script and test worker does.
+through stackllama.processes.end_process, as every script and test worker does.
 """
 
 import sys
@@ -23,6 +23,6 @@ del view, x, out, work  # gloo's worker thread drops the last reference when the
 if dist.get_rank() == 0:
     time.sleep(0.5)  # rank 1 leaves first
 if sys.argv[1] == "end_process":
-    from stackllama.modeling import end_process
+    from stackllama.processes import end_process
 
     end_process()

@@ -72,7 +72,7 @@ def run_group(command: list[str], env: dict | None = None, timeout: float = 300,
     """`command` from the repository root, to the end, in a new session; returns stdout + stderr. On a
     timeout the whole session (a launcher and all its workers) is killed, so a hung collective cannot
     outlive the test. Any failure fails (no retry: a worker that used to die of "terminate called without
-    an active exception" at exit now ends through `stackllama.modeling.end_process`, test_launch_helpers.py)."""
+    an active exception" at exit now ends through `stackllama.processes.end_process`, test_launch_helpers.py)."""
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:

@@ -24,8 +24,8 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 from ppo_tiny import make_policy, make_queries, make_tokenizer  # noqa: E402
 
-from stackllama.modeling import end_process  # noqa: E402
 from stackllama.ppo import PPOConfig, PPOTrainer  # noqa: E402
+from stackllama.processes import end_process  # noqa: E402
 
 out, gather, full = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
 torch.set_num_threads(1)
@@ -122,4 +122,4 @@ if os.environ.get("GUARDS") == "1":  # after the run the other tests compare: wh
         json.dump(guards, f)
 acc.wait_for_everyone()
 acc.end_training()
-end_process()  # as the scripts end (stackllama.modeling.end_process)
+end_process()  # as the scripts end (stackllama.processes.end_process)

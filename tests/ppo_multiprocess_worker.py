@@ -11,8 +11,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 from ppo_tiny import make_policy, make_queries, make_tokenizer  # noqa: E402
 
-from stackllama.modeling import end_process  # noqa: E402
 from stackllama.ppo import PPOConfig, PPOTrainer  # noqa: E402
+from stackllama.processes import end_process  # noqa: E402
 
 torch.set_num_threads(1)
 tok = make_tokenizer()
@@ -50,4 +50,4 @@ with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
     json.dump(result, f)
 trainer.accelerator.wait_for_everyone()
 trainer.accelerator.end_training()
-end_process()  # as the scripts end (stackllama.modeling.end_process)
+end_process()  # as the scripts end (stackllama.processes.end_process)

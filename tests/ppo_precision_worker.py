@@ -25,8 +25,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 from ppo_tiny import make_model, make_queries, make_tokenizer  # noqa: E402
 
-from stackllama.modeling import end_process  # noqa: E402
 from stackllama.ppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer  # noqa: E402
+from stackllama.processes import end_process  # noqa: E402
 
 out, base_dir = sys.argv[1], sys.argv[2]
 torch.set_num_threads(1)
@@ -87,4 +87,4 @@ for case in ("lora_bf16", "lora_8bit", "full"):
         json.dump(result, f)
 trainer.accelerator.wait_for_everyone()
 trainer.accelerator.end_training()
-end_process()  # as the scripts end (stackllama.modeling.end_process)
+end_process()  # as the scripts end (stackllama.processes.end_process)

@@ -1,4 +1,4 @@
-"""How a process of a 2-process gloo run ends (stackllama.modeling.end_process), and the launch
+"""How a process of a 2-process gloo run ends (stackllama.processes.end_process), and the launch
 helper the multi-process tests use.
 
 gloo frees a finished collective's tensors in its own worker thread; a tensor that owns its

@@ -7,7 +7,6 @@ import torch
 from sft_helpers import SMALL_CONFIG, build_small_model, write_pairs
 from trl import ModelConfig
 
-from stackllama import modeling
 from stackllama.modeling import (
     MissingDependencyError,
     ModelLoadError,
@@ -60,7 +59,9 @@ def test_quantization_configs():
     assert eight.load_in_8bit and not eight.load_in_4bit
     four = quantization_config(ModelConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
     assert four.load_in_4bit and four.bnb_4bit_quant_type == "nf4" and four.bnb_4bit_compute_dtype == torch.float32
-    assert modeling.kbit_device_map() == {"": "cpu"}  # no accelerator here
+    from stackllama.processes import kbit_device_map
+
+    assert kbit_device_map() == {"": "cpu"}  # no accelerator here
 
 
 def test_missing_bitsandbytes_names_the_extra(monkeypatch):

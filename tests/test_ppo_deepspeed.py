@@ -11,7 +11,7 @@ that the engine is given the PPO geometry (micro-batch, accumulation, its own lo
 the policy saved from the ZeRO-3 shards must be the trained one. A checkpoint written under
 ZeRO-3 resumes to the same run.
 
-DeepSpeed runs on CPU here (its CPU accelerator, gloo; `stackllama.modeling.process_state`);
+DeepSpeed runs on CPU here (its CPU accelerator, gloo; `stackllama.processes.process_state`);
 needs the `deepspeed` package (in the `test` extra).
 """
 

@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 
 from .. import resume
 from ..errors import InputError
-from ..modeling import process_state
+from ..processes import process_state
 from . import checkpointing as ckpt
 from . import core, sampling
 from .config import PPOConfig

@@ -251,7 +251,8 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         """
         from transformers import AutoModelForCausalLM
 
-        from ..modeling import guard_cpu_4bit_packing, kbit_device_map
+        from ..modeling import guard_cpu_4bit_packing
+        from ..processes import kbit_device_map
 
         def load_base(name_or_model):
             if isinstance(name_or_model, nn.Module):

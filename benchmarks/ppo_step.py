@@ -26,11 +26,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from peft import LoraConfig, get_peft_model
+from ppo_timing import median_of, print_split, time_step
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from ppo_timing import median_of, print_split, time_step
 from stackllama.ppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+from stackllama.ppo.rollout_batch import left_pad
+from stackllama.ppo.speedups.cpu_allocator import keep_freed_memory
 
 
 class _IdTokenizer:
@@ -66,6 +68,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
+    keep_freed_memory()  # as scripts/rl_ppo.py does (cpu_malloc_tuning, on by default)
     torch.manual_seed(0)
 
     B, Q, R = 16, 64, 32
@@ -88,7 +91,7 @@ def main() -> None:
     def score(responses):
         ids = torch.stack([torch.cat([q, r]) for q, r in zip(queries, responses)]) if len({len(r) for r in responses}) == 1 else None
         if ids is None:  # ragged (an early EOS): pad on the right, read the last real token
-            ids, _ = trainer._left_pad([torch.cat([q, r]) for q, r in zip(queries, responses)])
+            ids, _ = left_pad([torch.cat([q, r]) for q, r in zip(queries, responses)], trainer.pad_token_id)
         with torch.no_grad():
             return list(reward_model(input_ids=ids).logits[:, 0])
 

@@ -10,7 +10,7 @@ project, so it runs in a virtual environment of its own:
         trl==0.11.4 transformers==4.46.3 peft==0.13.2 accelerate==1.1.1 datasets rich
     /tmp/trl011/bin/python benchmarks/trl011_ppo_step.py [--steps 5] [--bf16]
 
-Our trainer changes glibc's malloc settings on CPU (stackllama/ppo/cpu_allocator.py). TRL's
+Our trainer changes glibc's malloc settings on CPU (stackllama/ppo/speedups/cpu_allocator.py). TRL's
 step with the same settings from the environment (``MALLOC_MMAP_THRESHOLD_=33554432
 MALLOC_TRIM_THRESHOLD_=268435456``) measured the same as without (1.54 against 1.53 s/step,
 three interleaved runs each), so the comparison does not hinge on them.
@@ -26,10 +26,9 @@ import warnings
 
 import torch
 from peft import LoraConfig
+from ppo_timing import median_of, print_split, time_step
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
-
-from ppo_timing import median_of, print_split, time_step
 
 
 def id_tokenizer(vocab_size: int):

@@ -20,14 +20,12 @@ evaluation_results.json, the completion marker.
 """
 
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
-from stackllama.atomic import replace_dir
+from stackllama.atomic import staged_dir
+from stackllama.errors import MissingInputError
 from stackllama.evaluation import (
-    RESULTS_FILE,
     SAMPLES_FILE,
     EvaluateScriptArguments,
     evaluate_policies,
@@ -42,7 +40,7 @@ from stackllama.report import (
     headline,
     read_json,
 )
-from stackllama.run_layout import run_dir
+from stackllama.run_layout import EVALUATION_RESULTS, run_dir
 from stackllama.stage import run_script, write_results
 
 logger = logging.getLogger("stackllama.evaluation")
@@ -58,13 +56,13 @@ def log_sources(args: EvaluateScriptArguments, results: dict | None = None) -> L
 def report_only(args: EvaluateScriptArguments) -> dict:
     """Redraw report.md and the plots in output_dir from the logs and the saved evaluation."""
     output_dir = Path(args.output_dir)
-    results = read_json(output_dir / RESULTS_FILE)
+    results = read_json(output_dir / EVALUATION_RESULTS)
     logs = TrainingLogs.load(log_sources(args, results))
     if results is None:
         if logs.sft_history is None and logs.reward_history is None and logs.ppo_rows is None:
-            raise FileNotFoundError(f"nothing to report: no {RESULTS_FILE} in {output_dir} and no training log "
-                                    f"in {run_dir(output_dir)} ({'; '.join(m.replace('`', '') for m in logs.missing)})")
-        logger.warning("no %s in %s: the report shows the training curves only", RESULTS_FILE, output_dir)
+            raise MissingInputError(f"nothing to report: no {EVALUATION_RESULTS} in {output_dir} and no training "
+                                    f"log in {run_dir(output_dir)} ({'; '.join(m.replace('`', '') for m in logs.missing)})")
+        logger.warning("no %s in %s: the report shows the training curves only", EVALUATION_RESULTS, output_dir)
     summary = build_report(output_dir, results, read_samples(output_dir / SAMPLES_FILE), logs,
                            run=str(run_dir(output_dir)), num_examples=args.num_examples, seed=args.seed)
     logger.info("report rebuilt: %s", summary["report"])
@@ -81,10 +79,7 @@ def main(args: EvaluateScriptArguments) -> dict:
     results = {"run_dir": str(run_dir(output_dir)), **results}
 
     # Everything goes to a temporary folder beside output_dir, moved into place when complete
-    tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    with staged_dir(output_dir) as tmp:
         write_samples(tmp / SAMPLES_FILE, samples)
         results["wall_time_s"] = round(time.time() - start, 1)
         summary = build_report(tmp, results, samples, log_sources(args, results), run=results["run_dir"],
@@ -92,10 +87,7 @@ def main(args: EvaluateScriptArguments) -> dict:
         results.update({"verdict": summary["verdict"], "verdict_headline": headline(results),
                         "missing_logs": summary["missing"],
                         "wall_time_s": round(time.time() - start, 1)})
-        write_results(tmp, RESULTS_FILE, results)  # last: the completion marker
-        replace_dir(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_results(tmp, EVALUATION_RESULTS, results)  # last: the completion marker
     logger.info("mean score SFT %.3f, PPO %.3f. %s", results["sft"]["mean_score"], results["ppo"]["mean_score"],
                 results["verdict_headline"])
     logger.info("report in %s (%.0f s)", output_dir / "report.md", results["wall_time_s"])

@@ -28,15 +28,18 @@ import time
 from transformers import set_seed
 from trl import ModelConfig, RewardConfig
 
+from stackllama import run_layout
 from stackllama.data.loading import check_data_dir, load_pairs
+from stackllama.errors import InputError
 from stackllama.hf_trainer import carried_results, resolve_resume
+from stackllama.merge import save_full_weights
+from stackllama.model_card import write_reward_card
 from stackllama.modeling import (
     count_parameters,
     load_model,
     load_tokenizer,
     lora_config,
     place_for_evaluation,
-    save_full_weights,
 )
 from stackllama.reward_modeling import (
     RESULTS_FILE,
@@ -46,9 +49,7 @@ from stackllama.reward_modeling import (
     format_metrics,
     load_reward_model,
     tokenize_pairs,
-    write_model_card,
 )
-from stackllama.run_layout import default_sft_model
 from stackllama.stage import configure_reporting, run_script, write_results
 
 logger = logging.getLogger("stackllama.reward_modeling")
@@ -73,7 +74,7 @@ def main(script_args: RewardScriptArguments, training_args: RewardConfig, model_
                                              trust_remote_code=training_args.trust_remote_code)
         base_model = path
     else:
-        base_model = model_args.model_name_or_path or default_sft_model(training_args.output_dir)
+        base_model = model_args.model_name_or_path or run_layout.default_sft_model(training_args.output_dir)
         model_args.model_name_or_path = base_model
         tokenizer = load_tokenizer(base_model, revision=model_args.model_revision, task="seq_cls",
                                    trust_remote_code=training_args.trust_remote_code)
@@ -106,7 +107,7 @@ def main(script_args: RewardScriptArguments, training_args: RewardConfig, model_
                 results["train_pairs_dropped"], training_args.max_length, results["eval_pairs"],
                 results["eval_pairs_dropped"])
     if results["train_pairs"] == 0:
-        raise ValueError(f"no training pair fits in --max_length {training_args.max_length}")
+        raise InputError(f"no training pair fits in --max_length {training_args.max_length}")
 
     carried = carried_results(resume)  # the untrained model's figures, saved with the checkpoint
     if script_args.eval_before_training and "eval_before" in carried:
@@ -141,13 +142,13 @@ def main(script_args: RewardScriptArguments, training_args: RewardConfig, model_
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(training_args.output_dir)
         if script_args.merge:
-            merged_dir = script_args.merged_output_dir or training_args.output_dir.rstrip("/") + "-merged"
+            merged_dir = script_args.merged_output_dir or run_layout.merged(training_args.output_dir.rstrip("/"))
             save_full_weights(tokenizer, training_args.output_dir, merged_dir, model_args.use_peft,
                               base_model=base_model, dtype=script_args.merge_dtype, task="seq_cls",
                               trust_remote_code=training_args.trust_remote_code)
             results["merged_output_dir"] = merged_dir
         results["wall_time_s"] = round(time.time() - start, 1)
-        write_model_card(training_args.output_dir, base_model, script_args.data_dir, results)
+        write_reward_card(training_args.output_dir, base_model, script_args.data_dir, results)
         path = write_results(training_args.output_dir, RESULTS_FILE, results)
         logger.info("reward modeling done in %.0f s; results in %s", results["wall_time_s"], path)
     trainer.accelerator.wait_for_everyone()  # the ranks end together, after rank 0's writes

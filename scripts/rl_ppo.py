@@ -41,6 +41,7 @@ from stackllama.ppo.recipe import (
     load_policy,
     mean,
 )
+from stackllama.ppo.speedups.cpu_allocator import keep_freed_memory
 from stackllama.processes import process_state
 from stackllama.reward_scoring import RewardFunction
 from stackllama.run_layout import (
@@ -56,6 +57,8 @@ logger = logging.getLogger("stackllama.ppo")
 def main(script_args: RLScriptArguments, config: PPOConfig, model_args: ModelConfig) -> dict:
     start = time.time()
     state = process_state()  # without a GPU too, the processes of a launch join one run (gloo)
+    if config.cpu_malloc_tuning:
+        keep_freed_memory(state.device)  # process-wide: CPU training stops re-faulting each step's memory
     if script_args.num_threads:
         torch.set_num_threads(script_args.num_threads)
     output_dir = Path(script_args.output_dir)

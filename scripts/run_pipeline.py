@@ -1,6 +1,6 @@
 """The whole recipe in one command: prepare -> tiny model -> SFT -> merge -> reward model -> PPO -> evaluation.
 
-    python scripts/run_pipeline.py                                          # the tiny default on CPU (~11 min, runs/tiny)
+    python scripts/run_pipeline.py                                          # the tiny default on CPU (runs/tiny)
     python scripts/run_pipeline.py --config configs/pipeline/llama-7b.yaml --dry_run   # the commands of the real run
     python scripts/run_pipeline.py --config configs/pipeline/llama-7b.yaml             # run them (8 GPUs)
     python scripts/run_pipeline.py --from_stage ppo                         # redo PPO and what follows it

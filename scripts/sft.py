@@ -30,13 +30,15 @@ import time
 
 from trl import ModelConfig, SFTConfig
 
+from stackllama import run_layout
 from stackllama.hf_trainer import resolve_resume
+from stackllama.merge import save_full_weights
+from stackllama.model_card import write_sft_card
 from stackllama.modeling import (
     count_parameters,
     load_model,
     load_tokenizer,
     lora_config,
-    save_full_weights,
 )
 from stackllama.sft import (
     RESULTS_FILE,
@@ -47,7 +49,6 @@ from stackllama.sft import (
     load_sft_datasets,
     perplexity,
     resolve_base_model,
-    write_model_card,
 )
 from stackllama.stage import configure_reporting, run_script, write_results
 
@@ -122,11 +123,11 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json: the logged losses, for the report's plots
     if trainer.is_world_process_zero():
-        write_model_card(training_args.output_dir, base_model, script_args.data_dir, results)
+        write_sft_card(training_args.output_dir, base_model, script_args.data_dir, results)
 
     # Merge: full weights for the reward-model and PPO stages
     if script_args.merge and trainer.is_world_process_zero():
-        merged_dir = script_args.merged_output_dir or training_args.output_dir.rstrip("/") + "-merged"
+        merged_dir = script_args.merged_output_dir or run_layout.merged(training_args.output_dir.rstrip("/"))
         save_full_weights(tokenizer, training_args.output_dir, merged_dir, model_args.use_peft,
                           base_model=base_model, dtype=script_args.merge_dtype,
                           trust_remote_code=training_args.trust_remote_code)

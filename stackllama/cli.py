@@ -8,13 +8,17 @@ and exit status 2 instead of a traceback.
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import re
 import sys
+import textwrap
 from collections.abc import Sequence
 
 
 def parse_args(dataclass_types: Sequence[type], args: Sequence[str] | None = None, description: str | None = None):
     """Parse `args` (default: sys.argv) into instances of `dataclass_types`, TRL-style."""
+    # trl (and torch with it) is imported when flags are parsed, not when a script imports this module
     import yaml
     from trl import TrlParser
 
@@ -37,10 +41,6 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 def field_docstrings(cls: type) -> dict[str, str]:
     """``{field: docstring}`` for dataclass fields documented the way this project does it, with
     a string literal right below the field (as ``PPOConfig``), over ``cls`` and its bases."""
-    import ast
-    import inspect
-    import textwrap
-
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__[:-1]):
         try:
@@ -85,7 +85,7 @@ def _cpu_defaults_without_gpu(parser) -> None:
 def fail(message: str, prog: str | None = None) -> None:
     """Exit with status 1 and a one-line message, the way every script reports bad input
     (through `stackllama.processes.end_process`, as every process of a run ends)."""
-    from .processes import end_process
+    from .processes import end_process  # imports torch and accelerate
 
     prog = prog or sys.argv[0].rsplit("/", 1)[-1]
     end_process(1, f"{prog}: error: {message}")

@@ -31,9 +31,11 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_pt_utils import nested_gather
 
 from . import resume
-from .ppo.guards import NonFiniteError
+from .atomic import write_json
+from .errors import NonFiniteError
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ __all__ = ["AtomicCheckpointMixin", "NonFiniteError", "NonFiniteGuard", "carried
 def resolve_resume(training_args) -> Path | None:
     """The checkpoint `--resume_from_checkpoint` names: None, the newest complete one for `latest` /
     `true` (None when there is none yet: start fresh), or a path that must hold a complete checkpoint
-    (else `resume.CheckpointError`)."""
+    (else `CheckpointError`)."""
     return resume.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir, PREFIX)
 
 
@@ -240,15 +242,13 @@ class AtomicCheckpointMixin:
                  "results": self.carried_results}
         if hasattr(self, "_total_train_tokens"):
             state["total_train_tokens"] = int(self._total_train_tokens)
-        (staged / STAGE_STATE).write_text(json.dumps(state, indent=2, default=str) + "\n")
+        write_json(staged / STAGE_STATE, state)
         resume.finalize(staged, final, {"stage": self.stage, "global_step": self.state.global_step})
         shutil.rmtree(staging_parent, ignore_errors=True)
         self._prune(run_dir)
 
     def _run_loss_sum(self) -> float:
         """Sum of this `train()` call's step losses so far: what Trainer logged plus what it has not yet."""
-        from transformers.trainer_pt_utils import nested_gather
-
         pending = getattr(self, "_tr_loss", None)
         pending = 0.0 if pending is None else nested_gather(pending, self.args.parallel_mode).mean().item()
         return getattr(self, "_total_loss_scalar", 0.0) + float(pending)

@@ -7,11 +7,13 @@ The SFT, reward-model and PPO stages all load a base model the same way, so it l
   id or a folder, in the requested dtype, optionally quantized to 8 or 4 bits with
   `BitsAndBytesConfig` (placed with `device_map={"": local_process_index}` so each process
   of a multi-GPU run holds its own copy) and prepared with `prepare_model_for_kbit_training`;
-- `lora_config`: the `peft.LoraConfig` described by the `--use_peft`/`--lora_*` flags;
-- `merge_lora`: reload the base in 16/32 bits, apply a LoRA adapter, `merge_and_unload`, save.
+- `lora_config`: the `peft.LoraConfig` described by the `--use_peft`/`--lora_*` flags.
 
+Folding an adapter back into full weights is :mod:`stackllama.merge`, which builds on this.
 The arguments are TRL's `ModelConfig` dataclass (`--model_name_or_path`, `--dtype`,
 `--use_peft`, `--lora_r`, `--load_in_8bit`, ...), so every script shares the same flags.
+transformers, peft and TRL are imported where they are used, so a script's `--help` does
+not wait for them (torch comes with :mod:`stackllama.processes`).
 """
 
 from __future__ import annotations
@@ -21,12 +23,9 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from .errors import (
-    InputError,
-    MissingDependencyError,
-    MissingInputError,
-    ModelLoadError,
-)
+import torch
+
+from .errors import InputError, MissingDependencyError, ModelLoadError
 from .processes import kbit_device_map, launched_with
 
 if TYPE_CHECKING:
@@ -38,8 +37,6 @@ Task = Literal["causal_lm", "seq_cls"]
 BITSANDBYTES_HINT = "pip install 'stackllama[bitsandbytes]'"
 
 
-
-
 def require_bitsandbytes() -> None:
     if importlib.util.find_spec("bitsandbytes") is None:
         raise MissingDependencyError(
@@ -49,8 +46,6 @@ def require_bitsandbytes() -> None:
 
 def torch_dtype(name: str | None):
     """`"bfloat16"` -> `torch.bfloat16`; `"auto"` and `None` are passed through."""
-    import torch
-
     if name in (None, "auto"):
         return name
     if isinstance(name, torch.dtype):
@@ -72,7 +67,6 @@ def quantization_config(model_args: ModelConfig):
     if model_args.load_in_8bit and model_args.load_in_4bit:
         raise InputError("--load_in_8bit and --load_in_4bit are exclusive: choose one")
     require_bitsandbytes()
-    import torch
     from transformers import BitsAndBytesConfig
 
     if model_args.load_in_8bit:
@@ -102,7 +96,9 @@ def lora_config(model_args: ModelConfig, task_type: str | None = None):
     return config
 
 
-def _load_error(name: str, error: Exception) -> ModelLoadError:
+def load_error(name: str, error: Exception) -> ModelLoadError:
+    """The one-line error for a model or tokenizer that did not load, saying whether `name` was taken
+    as a local folder or a Hub id."""
     where = "local folder" if Path(name).exists() else "Hub id (not a local folder)"
     hint = ""
     if not Path(name).exists():
@@ -150,7 +146,7 @@ def load_tokenizer(
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        raise _load_error(name_or_path, error) from error
+        raise load_error(name_or_path, error) from error
     if tokenizer.eos_token is None:
         raise InputError(f"the tokenizer of {name_or_path!r} has no EOS token; packing needs one between texts")
     if padding_side is not None:
@@ -204,7 +200,7 @@ def load_model(
     try:
         model = model_class.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as error:
-        raise _load_error(name, error) from error
+        raise load_error(name, error) from error
 
     if quant is not None:
         guard_cpu_4bit_packing(model)
@@ -252,8 +248,8 @@ def place_for_evaluation(model, training_args):
     """`model` on the process's device, for an evaluation that runs before transformers' Trainer exists.
 
     The Trainer moves the model to the GPU only when it is built. The reward stage scores the
-    held-out pairs first (the untrained figures, `--eval_only`), so without this a 7B model on a
-    GPU machine was scored on the CPU: minutes instead of seconds (seen on an H100).
+    held-out pairs first (the untrained figures, `--eval_only`), so without this the model would
+    be scored on the CPU of a GPU machine.
     Left where they are: models placed at load time (`device_map`, so 8-bit / 4-bit bases) and
     models that DeepSpeed or FSDP place themselves, as the Trainer would leave them.
     """
@@ -276,58 +272,3 @@ def count_parameters(model) -> tuple[int, int]:
     total = sum(numel(p) for p in model.parameters())
     return trainable, total
 
-
-def merge_lora(
-    adapter_dir: str | Path,
-    output_dir: str | Path,
-    base_model: str | None = None,
-    dtype: str = "float32",
-    task: Task = "causal_lm",
-    trust_remote_code: bool = False,
-    num_labels: int = 1,
-) -> Path:
-    """Merge the LoRA adapter in `adapter_dir` into a 16/32-bit base and save full weights, replacing
-    `output_dir`: `stackllama.merge.merge_adapter` (verified, written atomically), kept here for old callers."""
-    from .merge import merge_adapter
-
-    merge_adapter(adapter_dir, output_dir, base_model=base_model, dtype=dtype, task=task, num_labels=num_labels,
-                  overwrite=True, trust_remote_code=trust_remote_code)
-    return Path(output_dir)
-
-
-def save_full_weights(
-    tokenizer,
-    adapter_dir: str | Path,
-    output_dir: str | Path,
-    use_peft: bool,
-    base_model: str | None = None,
-    dtype: str = "float32",
-    task: Task = "causal_lm",
-    trust_remote_code: bool = False,
-) -> Path:
-    """Full weights for the next stage: the LoRA adapter saved in `adapter_dir` merged into a
-    16/32-bit base and checked (`stackllama.merge.merge_adapter`), or, without LoRA, the trained
-    weights the trainer saved in `adapter_dir`, copied. From the files, not the model in memory:
-    under DeepSpeed ZeRO-3 a process holds only its shards (the trainer gathered them to save)."""
-    if use_peft:
-        from .merge import merge_adapter
-
-        merge_adapter(adapter_dir, output_dir, base_model=base_model, dtype=dtype, task=task, overwrite=True,
-                      trust_remote_code=trust_remote_code)
-        return Path(output_dir)
-    import os
-    import shutil
-
-    from .atomic import replace_dir
-
-    src, final = Path(adapter_dir), Path(output_dir)
-    weights = sorted(src.glob("*.safetensors")) + sorted(src.glob("*.safetensors.index.json"))
-    if not weights:
-        raise MissingInputError(f"{src}: no saved weights (*.safetensors) to copy into {final}")
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for path in weights + [src / name for name in ("config.json", "generation_config.json") if (src / name).is_file()]:
-        shutil.copy2(path, tmp / path.name)
-    tokenizer.save_pretrained(tmp)
-    return replace_dir(tmp, final)

@@ -15,16 +15,22 @@ What is added here:
   and score text, for `--eval_only` and for the PPO stage;
 - `build_trainer`: TRL's `RewardTrainer` with the project's checkpoints (staged, marked
   complete, `--resume_from_checkpoint latest`) and NaN/inf stop (`stackllama.hf_trainer`).
+
+The saved model's README.md is `stackllama.model_card.write_reward_card`; `--merge` is
+`stackllama.merge.save_full_weights`.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
+
+import torch
+import torch.nn.functional as F
 
 from . import run_layout
 from .data.template import format_example
+from .modeling import load_tokenizer, torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +102,6 @@ def tokenize_pairs(dataset, tokenizer, max_length: int | None, num_proc: int | N
 
 def pad_right(sequences: list[list[int]], pad_token_id: int):
     """(input_ids, attention_mask) with right padding, as the reward trainer's collator pads."""
-    import torch
-
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -109,8 +113,6 @@ def pad_right(sequences: list[list[int]], pad_token_id: int):
 
 def score_ids(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 16):
     """The reward of each token-id sequence (a 1-D float tensor), in batches, without gradients."""
-    import torch
-
     device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths: less padding
     scores = torch.empty(len(sequences))
@@ -135,15 +137,11 @@ def score_texts(model, tokenizer, texts: list[str], batch_size: int = 16, add_eo
 
 def pairwise_loss(rewards_j, rewards_k):
     """`-logsigmoid(r_j - r_k)` averaged over pairs: the loss TRL's RewardTrainer minimises."""
-    import torch.nn.functional as F
-
     return -F.logsigmoid(rewards_j - rewards_k).mean()
 
 
 def pair_metrics(rewards_j, rewards_k, gaps=None, length_j=None, length_k=None) -> dict:
     """Accuracy (share with r_j > r_k), mean margin, accuracy per pm_score gap, length baseline."""
-    import torch
-
     rewards_j, rewards_k = torch.as_tensor(rewards_j, dtype=torch.float), torch.as_tensor(rewards_k, dtype=torch.float)
     correct = (rewards_j > rewards_k).float()
     metrics = {
@@ -178,6 +176,7 @@ def evaluate_pairs(model, tokenizer, tokenized, batch_size: int = 16) -> dict:
 
 def build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset=None, peft_config=None):
     """TRL's `RewardTrainer` (the pairwise loss) with `stackllama.hf_trainer`'s additions."""
+    # deferred: TRL (and hf_trainer, which imports transformers) load only when a trainer is built
     from trl import RewardTrainer
 
     from .hf_trainer import AtomicCheckpointMixin
@@ -224,17 +223,14 @@ def load_reward_model(path: str, dtype: str | None = None, trust_remote_code: bo
     accelerator `device`, the weights are read straight onto it (`device_map`) rather than into host
     memory first: eight processes of a node would otherwise each hold a full copy in RAM at once.
     """
-    import torch
     from transformers import AutoModelForSequenceClassification
 
-    from .modeling import load_tokenizer, torch_dtype
-
-    folder = Path(path)
     tokenizer = load_tokenizer(path, task="seq_cls", trust_remote_code=trust_remote_code)
     kwargs = dict(num_labels=1, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
     if device is not None and torch.device(device).type != "cpu":
         kwargs["device_map"] = {"": torch.device(device)}
-    if (folder / "adapter_config.json").is_file():
+    if run_layout.is_adapter(path):
+        # deferred: only an adapter needs peft
         from peft import PeftConfig, PeftModel
 
         base = PeftConfig.from_pretrained(path).base_model_name_or_path
@@ -247,7 +243,6 @@ def load_reward_model(path: str, dtype: str | None = None, trust_remote_code: bo
     return model, tokenizer
 
 
-
 def format_metrics(metrics: dict) -> str:
     """One readable block of evaluation figures."""
     lines = [f"pairs {metrics['pairs']}: accuracy {metrics['accuracy']:.3f}, mean margin {metrics['mean_margin']:.3f}"]
@@ -258,43 +253,3 @@ def format_metrics(metrics: dict) -> str:
         lines.append(f"  'longer answer wins' baseline: {metrics['longer_answer_baseline']:.3f}")
     return "\n".join(lines)
 
-
-def write_model_card(output_dir: str, base_model: str, data: str, results: dict) -> Path:
-    """README.md of the saved reward model: what it is, its figures, how to score text with it."""
-    after, before = results.get("eval_after"), results.get("eval_before")
-    rows = []
-    for name, m in (("untrained (random head)", before), ("trained", after)):
-        if m:
-            gaps = " / ".join("n/a" if g["accuracy"] is None else f"{g['accuracy']:.3f}"
-                              for g in m["accuracy_by_gap"].values())
-            rows.append(f"| {name} | {m['accuracy']:.3f} | {m['mean_margin']:.3f} | {gaps} |")
-    baseline = (after or before or {}).get("longer_answer_baseline")
-    kind = "LoRA adapter (score head trained in full)" if results.get("use_peft") else "full weights"
-    text = f"""---
-library_name: {"peft" if results.get("use_peft") else "transformers"}
-tags: [stackllama, reward-model, trl, stack-exchange]
----
-# {Path(output_dir).name}: StackLLaMA reward model
-
-The reward-model stage of the StackLLaMA recipe: `{base_model}` with a one-output
-sequence-classification head ({kind}), trained on `{data}` `reward` pairs with the loss
-`-logsigmoid(r_j - r_k)`. It reads `Question: <q>\\n\\nAnswer: <a><eos>` and scores at the EOS.
-
-- training pairs: {results.get("train_pairs")} ({results.get("train_pairs_dropped", 0)} dropped as longer than {results.get("max_length")} tokens)
-- evaluation pairs: {results.get("eval_pairs")} ({results.get("eval_pairs_dropped", 0)} dropped)
-
-| model | accuracy | mean margin | accuracy by pm_score gap 1 / 2 / 3+ |
-|---|---|---|---|
-{chr(10).join(rows)}
-
-A model that only prefers the longer answer would reach {baseline if baseline is None else f"{baseline:.3f}"} on these pairs.
-
-```python
-from transformers import pipeline
-scorer = pipeline("text-classification", model={output_dir!r}, function_to_apply="none")
-scorer("Question: How fine should I grind for pour-over?\\n\\nAnswer: Medium, like sea salt.</s>")
-```
-"""
-    path = Path(output_dir) / "README.md"
-    path.write_text(text)
-    return path

@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 
 from .errors import InputError
+from .reward_modeling import load_reward_model, score_ids
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +87,6 @@ class RewardFunction:
     def from_pretrained(cls, path: str, dtype: str | None = None, trust_remote_code: bool = False, **kwargs):
         """Load a saved reward model (full weights or LoRA, see `stackllama.reward_modeling.load_reward_model`),
         straight onto `device` when that is an accelerator."""
-        from .reward_modeling import load_reward_model
-
         model, tokenizer = load_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                              device=kwargs.get("device"))
         return cls(model, tokenizer, **kwargs)
@@ -96,6 +95,7 @@ class RewardFunction:
     @property
     def pipeline(self):
         if self._pipeline is None:
+            # transformers.pipelines is slow to import: only on the text path
             from transformers import pipeline
 
             self._pipeline = pipeline(
@@ -131,8 +131,6 @@ class RewardFunction:
 
     def score_token_ids(self, query_ids, response_ids) -> list[float]:
         """Fast path: the policy's token ids scored directly (`stackllama.reward_modeling.score_ids`)."""
-        from .reward_modeling import score_ids
-
         sequences = self.token_sequences(query_ids, response_ids)
         return score_ids(self.model, sequences, self.tokenizer.pad_token_id, self.batch_size).tolist()
 

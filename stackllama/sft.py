@@ -15,6 +15,9 @@ the `finetune` subset with TRL's `SFTTrainer`:
   and a stop on a NaN/inf loss or gradient (`stackllama.hf_trainer`);
 - without `--model_name_or_path`, the tiny default model (`stackllama.tiny_model`) is built
   beside the output folder and trained from scratch.
+
+The saved model's README.md is `stackllama.model_card.write_sft_card`; `--merge` is
+`stackllama.merge.save_full_weights`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from . import run_layout
 from .data.loading import check_data_dir, load_pairs
 from .data.template import format_example
 from .errors import InputError
+from .tiny_model import build_tiny_model_from_data, is_built
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +86,6 @@ class SFTScriptArguments:
     tiny_model_seed: int = field(default=42, metadata={"help": "Seed of the tiny model's initialisation."})
 
 
-
 # --------------------------------------------------------------------------- data
 
 
@@ -96,7 +99,6 @@ def in_eval_split(qid, fraction: float, seed: int = 0) -> bool:
 def to_text(example: dict) -> dict:
     """One SFT text from a pair: the shared template with the preferred answer."""
     return {"text": format_example(example["question"], example["response_j"])}
-
 
 
 def load_sft_datasets(args: SFTScriptArguments, seed: int = 42):
@@ -125,7 +127,7 @@ def load_sft_datasets(args: SFTScriptArguments, seed: int = 42):
             train = train.take(args.max_train_samples)
         if eval_ is not None:
             # Held in memory: evaluated many times, it would otherwise be re-streamed (and re-filtered) each time
-            from datasets import Dataset
+            from datasets import Dataset  # deferred, as in data.loading: heavy
 
             if args.max_eval_samples is None:
                 raise InputError("--streaming needs --max_eval_samples (the held-out pairs are kept in memory)")
@@ -157,6 +159,7 @@ def load_sft_datasets(args: SFTScriptArguments, seed: int = 42):
 
 
 def _sft_trainer_class():
+    # deferred: TRL (and hf_trainer, which imports transformers) load only when a trainer is built
     from trl import SFTTrainer
 
     from .hf_trainer import AtomicCheckpointMixin
@@ -239,7 +242,6 @@ def check_training_args(training_args, script_args: SFTScriptArguments) -> None:
         raise InputError("--packing needs --max_length (the block length)")
 
 
-
 # --------------------------------------------------------------------------- base model
 
 
@@ -247,11 +249,10 @@ def resolve_base_model(script_args: SFTScriptArguments, model_args, training_arg
     """`--model_name_or_path`, or the tiny default model built (once) from the finetune texts."""
     if model_args.model_name_or_path:
         return model_args.model_name_or_path
-    from .tiny_model import build_tiny_model_from_data, is_built
-
     target = Path(script_args.tiny_model_dir) if script_args.tiny_model_dir else run_layout.default_tiny_model_dir(training_args.output_dir)
     if not is_built(target):
         logger.info("no --model_name_or_path: building the tiny default model in %s", target)
+    # deferred: imports torch
     from accelerate import PartialState
 
     with PartialState().main_process_first():  # built once, by the main process; the others then reuse it
@@ -272,67 +273,4 @@ def perplexity(loss: float | None) -> float | None:
         return math.exp(loss)
     except OverflowError:
         return float("inf")
-
-
-def write_model_card(output_dir: str, base_model: str, data: str, results: dict) -> Path:
-    """README.md of the saved model: what it is, how to load and prompt it, how it was trained."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    is_hub_id = not Path(base_model).exists()
-    card_data = ModelCardData(
-        library_name="peft" if results.get("use_peft") else "transformers",
-        base_model=base_model if is_hub_id else None,
-        datasets=[data] if not Path(data).exists() else None,
-        tags=["stackllama", "sft", "trl", "stack-exchange"] + (["lora"] if results.get("use_peft") else []),
-        pipeline_tag="text-generation",
-    )
-    before, after = results.get("eval_loss_before"), results.get("eval_loss")
-    if results.get("use_peft"):
-        load = (
-            "from peft import AutoPeftModelForCausalLM\n"
-            f"model = AutoPeftModelForCausalLM.from_pretrained({output_dir!r})  # or the merged copy (--merge)"
-        )
-    else:
-        load = f"from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained({output_dir!r})"
-    quant = "8-bit" if results.get("load_in_8bit") else "4-bit" if results.get("load_in_4bit") else "full-precision"
-    body = f"""
-# {Path(output_dir).name}: StackLLaMA supervised fine-tuning
-
-The SFT stage of the StackLLaMA recipe (Stack Exchange -> SFT -> reward model -> PPO): a causal LM
-fine-tuned on Stack Exchange questions and their preferred answers.
-
-- Base model: `{base_model}` ({quant} base, {"LoRA adapter" if results.get("use_peft") else "full training"})
-- Data: `{data}`, `finetune` pairs, preferred answer `response_j`
-- Text: `Question: <question>\\n\\nAnswer: <answer>`, texts joined by EOS
-- Packing: {results.get("packing")} (strategy `{results.get("packing_strategy")}`, blocks of {results.get("max_length")} tokens)
-- Trainable parameters: {results.get("trainable_parameters", 0):,} of {results.get("total_parameters", 0):,}
-- Steps: {results.get("global_step")}, training time {results.get("train_runtime_s") or 0:.0f} s
-
-## Evaluation (held-out questions)
-
-| | loss | perplexity |
-|---|---|---|
-| before training | {_fmt(before)} | {_fmt(perplexity(before))} |
-| after training | {_fmt(after)} | {_fmt(perplexity(after))} |
-
-## Usage
-
-```python
-from transformers import AutoTokenizer
-{load}
-tokenizer = AutoTokenizer.from_pretrained({output_dir!r})
-prompt = "Question: How do I descale my espresso machine?\\n\\nAnswer: "
-inputs = tokenizer(prompt, return_tensors="pt")
-print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64, do_sample=True)[0]))
-```
-"""
-    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
-    path = Path(output_dir) / "README.md"
-    card.save(path)
-    return path
-
-
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
-
 

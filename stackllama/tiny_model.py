@@ -10,19 +10,22 @@ model instead, so that the whole recipe runs on a laptop or in CI with no downlo
   `finetune` split, with `<s>` (BOS, prepended like LLaMA's), `</s>` (EOS) and a distinct
   `<pad>` (a reward model looks for the last non-pad token, which goes wrong when pad == eos);
 - both are written with `save_pretrained` (safetensors), so every later stage loads the folder
-  like any other model. Building takes seconds and is deterministic from a seed.
+  like any other model. The build is deterministic from a seed, and written into a temporary
+  folder that replaces `output_dir` when complete (`stackllama.atomic.staged_dir`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from .atomic import staged_dir, write_json
+from .data.loading import load_pairs
 from .data.template import format_example
 from .errors import InputError, MissingInputError
+from .run_layout import TINY_MODEL_RESULTS, is_full_model
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +34,8 @@ EOS_TOKEN = "</s>"
 PAD_TOKEN = "<pad>"
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)  # ids 0, 1, 2
 
-# Written last into the model folder: a folder without it is an interrupted build.
-BUILD_INFO_FILE = "tiny_model_build.json"
+# Written last into the model folder: its presence marks a complete build.
+BUILD_INFO_FILE = TINY_MODEL_RESULTS
 
 DEFAULT_MAX_TOKENIZER_TEXTS = 20_000
 
@@ -57,7 +60,7 @@ def _resolve_config_dir(config: str | Path | None) -> Path:
 def is_built(model_dir: str | Path) -> bool:
     """Whether `model_dir` holds a complete tiny model build (written by `build_tiny_model`)."""
     model_dir = Path(model_dir)
-    return (model_dir / BUILD_INFO_FILE).is_file() and (model_dir / "config.json").is_file()
+    return (model_dir / BUILD_INFO_FILE).is_file() and is_full_model(model_dir)
 
 
 def finetune_texts(dataset: Iterable[dict], max_texts: int | None = DEFAULT_MAX_TOKENIZER_TEXTS) -> Iterator[str]:
@@ -172,19 +175,17 @@ def build_tiny_model(
         pad_token_id=tokenizer.pad_token_id,
     )
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / BUILD_INFO_FILE).unlink(missing_ok=True)
-    model.save_pretrained(output_dir, safe_serialization=True)
-    tokenizer.save_pretrained(output_dir)
     n_params = sum(p.numel() for p in model.parameters())
-    info = {
-        "config": str(config_dir / "config.json"),
-        "seed": seed,
-        "parameters": n_params,
-        "vocab_size": len(tokenizer),
-        "tokenizer_sha256": hashlib.sha256((output_dir / "tokenizer.json").read_bytes()).hexdigest(),
-    }
-    (output_dir / BUILD_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    with staged_dir(output_dir) as staged:
+        model.save_pretrained(staged, safe_serialization=True)
+        tokenizer.save_pretrained(staged)
+        write_json(staged / BUILD_INFO_FILE, {
+            "config": str(config_dir / "config.json"),
+            "seed": seed,
+            "parameters": n_params,
+            "vocab_size": len(tokenizer),
+            "tokenizer_sha256": hashlib.sha256((staged / "tokenizer.json").read_bytes()).hexdigest(),
+        })
     logger.info("built tiny LLaMA (%.2fM parameters, vocab %d) in %s", n_params / 1e6, len(tokenizer), output_dir)
     return output_dir
 
@@ -202,7 +203,5 @@ def build_tiny_model_from_data(
     if is_built(output_dir) and not overwrite:
         logger.info("tiny model already built in %s; reusing it", output_dir)
         return output_dir
-    from .data.loading import load_pairs
-
     dataset = load_pairs(data, "finetune", streaming=True)
     return build_tiny_model(output_dir, finetune_texts(dataset, max_texts), config=config, seed=seed, overwrite=True)

@@ -80,11 +80,11 @@ if rank == 0:
 result = {
     "rank": rank,
     "world": acc.num_processes,
-    "zero_stage": acc.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed else None,
+    "zero_stage": acc.state.deepspeed_plugin.zero_stage if trainer.backend.is_deepspeed else None,
     "engine": type(engine).__name__,
-    "micro_batch": engine.train_micro_batch_size_per_gpu() if trainer.is_deepspeed else None,
-    "grad_accum": engine.gradient_accumulation_steps() if trainer.is_deepspeed else None,
-    "optimizer_steps": engine.global_steps if trainer.is_deepspeed else None,
+    "micro_batch": engine.train_micro_batch_size_per_gpu() if trainer.backend.is_deepspeed else None,
+    "grad_accum": engine.gradient_accumulation_steps() if trainer.backend.is_deepspeed else None,
+    "optimizer_steps": engine.global_steps if trainer.backend.is_deepspeed else None,
     "lengths": lengths,
     "same_weights": bool(torch.equal(gathered[0], gathered[-1])),
     "kl": stats["objective/kl"],
@@ -104,10 +104,10 @@ if os.environ.get("GUARDS") == "1":  # after the run the other tests compare: wh
 
     guards = {"param": guard_name}
     before = trainable_flat()[0]
-    engine_steps = engine.global_steps if trainer.is_deepspeed else None
+    engine_steps = engine.global_steps if trainer.backend.is_deepspeed else None
     trainer.config.ratio_threshold = 0.0  # every minibatch exceeds it: skipped, no optimizer step
     guards["skip_optimizer_steps"] = one_step()["ppo/optimizer_steps"]
-    guards["skip_engine_steps"] = engine.global_steps - engine_steps if trainer.is_deepspeed else None
+    guards["skip_engine_steps"] = engine.global_steps - engine_steps if trainer.backend.is_deepspeed else None
     guards["skip_same_weights"] = bool(torch.equal(trainable_flat()[0], before))
     trainer.config.ratio_threshold = 10.0
     nan_gradient["on"] = True
@@ -116,7 +116,7 @@ if os.environ.get("GUARDS") == "1":  # after the run the other tests compare: wh
         guards["nan"] = None
     except NonFiniteError as error:
         guards["nan"] = str(error)
-    guards["nan_engine_steps"] = engine.global_steps - engine_steps if trainer.is_deepspeed else None
+    guards["nan_engine_steps"] = engine.global_steps - engine_steps if trainer.backend.is_deepspeed else None
     guards["nan_same_weights"] = bool(torch.equal(trainable_flat()[0], before))
     with open(os.path.join(out, f"guards{rank}.json"), "w") as f:
         json.dump(guards, f)

@@ -59,7 +59,7 @@ for case in ("lora_bf16", "lora_8bit", "full"):
     if trainer.ref_model is not None:
         handles.append(trainer.ref_model.model.layers[0].mlp.register_forward_hook(
             lambda m, a, o: seen["reference"].add(str(o.dtype))))
-    rollout_forward, ppo_updates = trainer._rollout_forward, trainer._ppo_updates
+    rollout_forward, ppo_updates = trainer.passes.rollout_pass, trainer.ppo_updates
 
     def in_phase(name, fn):
         def run(*args, **kwargs):
@@ -67,8 +67,8 @@ for case in ("lora_bf16", "lora_8bit", "full"):
             return fn(*args, **kwargs)
         return run
 
-    trainer._rollout_forward = in_phase("rollout", rollout_forward)
-    trainer._ppo_updates = in_phase("update", ppo_updates)
+    trainer.passes.rollout_pass = in_phase("rollout", rollout_forward)
+    trainer.ppo_updates = in_phase("update", ppo_updates)
     queries = make_queries(tok, 4, seed=rank)
     responses = trainer.generate(queries, return_prompt=False, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=6)
     stats = trainer.step(queries, responses, [torch.tensor(float(rank + i)) for i in range(4)])

@@ -2,7 +2,7 @@
 
 A few dozen crafted pairs written in the `prepare_data.py` layout, and a very small LLaMA
 (2 layers, hidden 64) built with the same builder as the tiny default model, so that a
-training run takes a second or two on a CPU.
+training run is short on a CPU.
 """
 
 from __future__ import annotations

@@ -8,11 +8,14 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from ppo_tiny import make_model, make_tokenizer, one_thread
 from sft_helpers import REPO, write_pairs
 from test_rl_script import reward_model, rl_rows
 
+from stackllama.cli import parse_args
 from stackllama.evaluation import (
+    EvaluateScriptArguments,
     Policy,
     bootstrap_ci,
     generate_responses,
@@ -22,8 +25,8 @@ from stackllama.evaluation import (
     response_logprobs,
     response_stats,
     sample_lengths,
-    truncate_response,
 )
+from stackllama.ppo.rollout_batch import StopTokens
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)  # the fixture, imported from ppo_tiny
 
@@ -92,6 +95,11 @@ def test_sample_lengths_are_reproducible_and_in_range():
 
 
 # --------------------------------------------------------------------------- generation and truncation
+
+
+def truncate_response(tokens, eos_ids, max_length=None):
+    """One response cut as `generate_responses` cuts each row (`StopTokens.truncate`)."""
+    return StopTokens(eos_ids).truncate(tokens[None], None if max_length is None else [max_length])[0]
 
 
 def test_truncate_response_cuts_after_first_eos_and_at_the_limit():
@@ -173,7 +181,7 @@ def test_kl_equals_a_hand_computation_with_padding():
 def test_adapter_over_the_sft_model_is_loaded_once(tmp_path):
     """A PPO LoRA adapter whose base is the SFT folder: one model, SFT = adapter disabled; an untrained
     adapter (B = 0) is the SFT policy exactly (KL 0), a trained one is not."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # slow to import: this test only
 
     tok = make_tokenizer()
     sft_dir, ppo_dir = tmp_path / "sft-merged", tmp_path / "ppo"
@@ -236,8 +244,6 @@ def run_script(*args, cwd):
 
 
 def test_evaluate_script_end_to_end(run_dir):
-    from PIL import Image
-
     out = run_dir / "report"
     proc = run_script("--output_dir", str(out), "--samples_per_prompt", "3", "--output_min_length", "2",
                       "--output_max_length", "6", "--bootstrap_resamples", "200", "--batch_size", "4",
@@ -282,9 +288,6 @@ def test_missing_ppo_policy_is_a_one_line_error(run_dir, tmp_path):
 
 def test_help_and_defaults():
     """`--help` renders every flag's text (argparse %-formats it) and the defaults come from the run folder."""
-    from stackllama.cli import parse_args
-    from stackllama.evaluation import EvaluateScriptArguments
-
     proc = run_script("--help", cwd=REPO)
     assert proc.returncode == 0 and "--samples_per_prompt" in proc.stdout and "95% confidence" in proc.stdout
     (args,) = parse_args((EvaluateScriptArguments,), args=[])

@@ -7,6 +7,7 @@ import torch
 from sft_helpers import SMALL_CONFIG, build_small_model, write_pairs
 from trl import ModelConfig
 
+from stackllama.merge import merge_lora
 from stackllama.modeling import (
     MissingDependencyError,
     ModelLoadError,
@@ -15,7 +16,6 @@ from stackllama.modeling import (
     load_model,
     load_tokenizer,
     lora_config,
-    merge_lora,
     quantization_config,
 )
 

@@ -22,7 +22,9 @@ from stackllama.pipeline import (
     Step,
     check_config,
     run_pipeline,
+    runner,
 )
+from stackllama.run_layout import PIPELINE_RESULTS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,8 +62,8 @@ def fake_pipeline(tmp_path, monkeypatch):
         spec = StageSpec(name, name, str(script), name, "done.json", distributed=name == "two")
         return Step(spec, ["--out", str(run / name), "--marker", "done.json", "--value", values[name]], None)
 
-    monkeypatch.setattr(pipeline, "STAGE_NAMES", NAMES)
-    monkeypatch.setattr(pipeline, "plan_step", plan)
+    monkeypatch.setattr(runner, "STAGE_NAMES", NAMES)
+    monkeypatch.setattr(runner, "plan_step", plan)
 
     def runs_of(name):
         path = run / f"{name}.runs.txt"
@@ -87,7 +89,7 @@ def test_resumes_at_the_failed_stage(fake_pipeline):
     assert "something went wrong" in out  # the log's last lines are shown
     assert not (run / "two" / "done.json").exists()
     assert not (run / "two" / "checkpoint-9").exists()  # a training stage starts clean...
-    results = json.loads((run / pipeline.RESULTS_FILE).read_text())
+    results = json.loads((run / PIPELINE_RESULTS).read_text())
     assert results["stages"]["two"]["status"] == "failed"
 
     (run / "two.FAIL").unlink()

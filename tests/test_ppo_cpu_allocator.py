@@ -1,4 +1,4 @@
-"""glibc malloc tuning of the PPO trainer on CPU (stackllama/ppo/cpu_allocator.py): freed
+"""glibc malloc tuning of the PPO trainer on CPU (stackllama/ppo/speedups/cpu_allocator.py): freed
 tensor memory is reused instead of being unmapped and faulted in again; a user's own malloc
 environment is left alone. Each case runs in a fresh process (the setting is process-wide)."""
 
@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 
 WORKLOAD = """
 import resource, sys, torch
-from stackllama.ppo.cpu_allocator import keep_freed_memory
+from stackllama.ppo.speedups.cpu_allocator import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "tuned" else None
 
 def step():  # tensors of 1-30 MB made, touched and freed, as in a training step

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from stackllama.ppo.cpu_dropout import CPUDropout, keep_mask, use_cpu_dropout
+from stackllama.ppo.speedups.cpu_dropout import CPUDropout, keep_mask, use_cpu_dropout
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3])

@@ -1,5 +1,5 @@
 """The last decoder layer's MLP runs only at the positions that are read
-(stackllama/ppo/last_layer.py): same outputs there, same gradients, less work."""
+(stackllama/ppo/speedups/last_layer.py): same outputs there, same gradients, less work."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from ppo_tiny import (
     one_thread,  # noqa: F401  (fixture)
 )
 
-from stackllama.ppo.last_layer import last_layer_from, last_mlp
+from stackllama.ppo.speedups.last_layer import last_layer_from, last_mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

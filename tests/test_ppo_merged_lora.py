@@ -1,4 +1,4 @@
-"""LoRA folded into temporary weights while sampling (stackllama/ppo/merged_lora.py): the
+"""LoRA folded into temporary weights while sampling (stackllama/ppo/speedups/merged_lora.py): the
 same function without the adapter path, and the base weights untouched afterwards."""
 
 import pytest
@@ -12,8 +12,9 @@ from ppo_tiny import (
     rollout,
 )
 
-from stackllama.ppo.merged_lora import _mergeable, merged_lora
-from stackllama.ppo.mixed_precision import Bf16Autocast
+from stackllama.ppo.rollout_batch import RolloutBatch
+from stackllama.ppo.speedups.merged_lora import _mergeable, merged_lora
+from stackllama.ppo.speedups.mixed_precision import Bf16Autocast
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,7 +103,7 @@ def test_trainer_samples_merged_and_the_reference_stays_put():
     """Over PPO steps with merged sampling, the reference (adapters off) is bitwise the same
     function, and the log-probs taken from sampling match a recomputed pass."""
     trainer = make_trainer(ppo_epochs=1)
-    assert trainer.config.merge_lora_for_sampling and trainer._reuse_generation
+    assert trainer.config.merge_lora_for_sampling and trainer.speedups.reuse_logprobs
     model = trainer.unwrapped_model
     probe = torch.randint(4, 30, (2, 7))
     with torch.no_grad(), model.disable_adapter():
@@ -111,9 +112,9 @@ def test_trainer_samples_merged_and_the_reference_stays_put():
     for step in range(2):
         queries, responses = rollout(trainer, seed=step)
         assert not calls  # sampling ran without the adapter path
-        cached = [c[1] for c in trainer._generation_cache]
-        batch = trainer._make_batch(queries, responses)
-        recomputed, *_ = trainer._rollout_forward(batch, 1.0)
+        cached = [lp for lp, _ in responses.old]
+        batch = RolloutBatch.build(queries, responses, trainer.pad_token_id)
+        recomputed, *_ = trainer.passes.rollout_pass(batch, 1.0)
         for i, lp in enumerate(cached):
             torch.testing.assert_close(lp, recomputed[i, : len(lp)], rtol=1e-4, atol=1e-5)
         trainer.step(queries, responses, [torch.tensor(1.0)] * len(queries))

@@ -1,4 +1,4 @@
-"""bf16 autocast for the PPO passes (stackllama/ppo/mixed_precision.py): the CPU speedups
+"""bf16 autocast for the PPO passes (stackllama/ppo/speedups/mixed_precision.py): the CPU speedups
 change no result they claim not to change, and leave the model as they found it."""
 
 import pytest
@@ -12,7 +12,8 @@ from ppo_tiny import (
     one_thread,  # noqa: F401  (fixture)
 )
 
-from stackllama.ppo.mixed_precision import FP32_SDPA, Bf16Autocast
+from stackllama.ppo.rollout_batch import left_pad
+from stackllama.ppo.speedups.mixed_precision import FP32_SDPA, Bf16Autocast
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,7 +24,7 @@ def tok():
 
 
 def batch(tok):
-    return make_trainer(tokenizer=tok)._left_pad(make_queries(tok, 4, seed=7, min_len=2, max_len=9))
+    return left_pad(make_queries(tok, 4, seed=7, min_len=2, max_len=9), make_trainer(tokenizer=tok).pad_token_id)
 
 
 def test_frozen_weights_cast_once_give_bit_identical_outputs(tok):
@@ -87,7 +88,7 @@ def test_attention_runs_in_fp32_and_sdpa_is_restored(tok):
 def test_sampling_with_an_fp32_kv_cache_under_bf16(tok):
     """Sampling under the bf16 context with the cache in fp32 gives the log-probs a full bf16
     pass gives, to bf16 rounding."""
-    from stackllama.ppo import sampling
+    from stackllama.ppo.speedups import sampling_loop as sampling
 
     model = make_model(tok)
     ids, mask = batch(tok)

@@ -1,4 +1,4 @@
-"""The PPO trainer's own sampling loop (stackllama/ppo/sampling.py): when it is used, that it
+"""The PPO trainer's own sampling loop (stackllama/ppo/speedups/sampling_loop.py): when it is used, that it
 samples what transformers' generate samples, and how rows end."""
 
 import pytest
@@ -11,7 +11,8 @@ from ppo_tiny import (
     one_thread,  # noqa: F401  (fixture)
 )
 
-from stackllama.ppo import sampling
+from stackllama.ppo.rollout_batch import left_pad
+from stackllama.ppo.speedups import sampling_loop as sampling
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,7 +76,7 @@ def test_trainer_falls_back_to_generate_and_logs_why(tok, caplog):
     queries = make_queries(tok, 4)
     trainer.generate(queries, return_prompt=False, **PURE)
     assert calls == []
-    with caplog.at_level("INFO", logger="stackllama.ppo.trainer"):
+    with caplog.at_level("INFO", logger="stackllama.ppo"):
         out = trainer.generate(queries, return_prompt=False, **dict(PURE, top_k=5))
         trainer.generate(queries, return_prompt=False, **dict(PURE, top_k=5))
     assert calls == [1, 1] and all(1 <= len(r) <= 4 for r in out)
@@ -88,7 +89,7 @@ def test_temperature_is_used_for_drawing(tok):
     model = make_model(tok)
     queries = make_queries(tok, 6, seed=2)
     trainer = make_trainer(tokenizer=tok)
-    ids, mask = trainer._left_pad(queries)
+    ids, mask = left_pad(queries, trainer.pad_token_id)
     tokens, _, _ = sampling.sample(model, ids, mask, 5, temperature=1e-4, eos_token_ids=[], pad_token_id=tok.pad_token_id)
     greedy = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=5, pad_token_id=tok.pad_token_id,
                             eos_token_id=None)
@@ -100,7 +101,7 @@ def test_outputs_can_enter_autograd(tok):
     autograd saves tensors for the backward (tokens as gather indices, log-probs, hidden)."""
     model = make_model(tok)
     trainer = make_trainer(tokenizer=tok)
-    ids, mask = trainer._left_pad(make_queries(tok, 3, seed=4))
+    ids, mask = left_pad(make_queries(tok, 3, seed=4), trainer.pad_token_id)
     tokens, logprobs, hidden = sampling.sample(model, ids, mask, 4, 1.0, [], tok.pad_token_id, logprob_temperature=1.0)
     assert not any(t.is_inference() for t in (tokens, logprobs, hidden))
     w = torch.ones(hidden.shape[-1], len(tok), requires_grad=True)
@@ -117,7 +118,7 @@ def test_rows_are_padded_after_eos_and_the_loop_stops_when_all_ended(tok):
         logits[..., eos] += 3.0
         return logits
 
-    ids, mask = make_trainer(tokenizer=tok)._left_pad(make_queries(tok, 64, seed=4))
+    ids, mask = left_pad(make_queries(tok, 64, seed=4), make_trainer(tokenizer=tok).pad_token_id)
     calls = []
     hooks = [model.lm_head.register_forward_hook(likelier_eos),
              model.model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)]
@@ -144,7 +145,7 @@ def test_same_distribution_as_generate_for_a_left_padded_row(tok):
         model.lm_head.weight.mul_(10.0)
     trainer = make_trainer(tokenizer=tok)
     short, long = torch.tensor([5, 6]), torch.tensor([7, 8, 9, 10, 11, 12])
-    ids, mask = trainer._left_pad([short, long] * 4000)
+    ids, mask = left_pad([short, long] * 4000, trainer.pad_token_id)
     torch.manual_seed(1)
     ours, _, _ = sampling.sample(model, ids, mask, 2, 0.8, [], tok.pad_token_id)
     torch.manual_seed(2)

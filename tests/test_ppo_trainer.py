@@ -28,8 +28,10 @@ from stackllama.ppo import (
     PPOConfig,
     PPOTrainer,
 )
+from stackllama.ppo.generation import Responses
 from stackllama.ppo.guards import degenerate_mask
 from stackllama.ppo.optim import AdamTFStyle
+from stackllama.ppo.rollout_batch import RolloutBatch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,8 +59,8 @@ def test_rollout_logprobs_values_match_trl_layout(tok):
                 p.normal_(std=0.3)
     queries = make_queries(tok, 3, seed=1)
     responses = [torch.tensor([5, 6, 7, 8]), torch.tensor([9]), torch.tensor([10, 11, tok.eos_token_id])]
-    batch = trainer._make_batch(queries, responses)
-    logprobs, values, ref_logprobs, kl = trainer._rollout_forward(batch, 1.0)
+    batch = RolloutBatch.build(queries, responses, trainer.pad_token_id)
+    logprobs, values, ref_logprobs, kl = trainer.passes.rollout_pass(batch, 1.0)
     model.eval()
     for i, (q, r) in enumerate(zip(queries, responses)):
         ids = torch.cat([q, r])[None]
@@ -94,7 +96,7 @@ def test_rollout_chunks_do_not_change_the_rollout(tok):
                     p.copy_(torch.linspace(-0.5, 0.5, p.numel()).view_as(p))
         queries = make_queries(tok, 4, seed=3)
         responses = [torch.tensor([5, 6, 7]), torch.tensor([9]), torch.tensor([10, 11]), torch.tensor([12, 13, 14, 15])]
-        results.append(trainer._rollout_forward(trainer._make_batch(queries, responses), 1.0))
+        results.append(trainer.passes.rollout_pass(RolloutBatch.build(queries, responses, trainer.pad_token_id), 1.0))
     for one_by_one, together in zip(*results):
         torch.testing.assert_close(together, one_by_one, atol=1e-5, rtol=1e-5)
 
@@ -112,8 +114,8 @@ def test_position_ids_ignore_left_padding_absolute_positions(tok):
         trainer = make_trainer(tokenizer=tok, policy=AutoModelForCausalLMWithValueHead(gpt, value_head_dropout=0.0), position_ids_from_attention_mask=fix)
         short, long = torch.tensor([5, 6]), torch.tensor([5, 6, 7, 8, 9, 10, 11])
         resp = [torch.tensor([12, 13]), torch.tensor([12, 13])]
-        alone = trainer._rollout_forward(trainer._make_batch([short], resp[:1]), 1.0)[0][0]
-        padded = trainer._rollout_forward(trainer._make_batch([short, long], resp), 1.0)[0][0]
+        alone = trainer.passes.rollout_pass(RolloutBatch.build([short], resp[:1], trainer.pad_token_id), 1.0)[0][0]
+        padded = trainer.passes.rollout_pass(RolloutBatch.build([short, long], resp, trainer.pad_token_id), 1.0)[0][0]
         return alone, padded
 
     alone, padded = logp(True)
@@ -152,9 +154,9 @@ def test_truncation_after_first_stop_token_and_missing_eos_penalty(tok):
             [5, 6, 7, 8, 9, 10],  # never stops
         ]
     )
-    cut = trainer._truncate(gen)
+    cut = trainer.stops.truncate(gen)
     assert [c.tolist() for c in cut] == [[5, dot, 6, dot], [5, 6, eos], [5, 6, 7, 8, 9, 10]]
-    assert trainer._ended(cut).tolist() == [True, True, False]
+    assert trainer.stops.ended(cut).tolist() == [True, True, False]
     queries = make_queries(tok, 3)
     stats = trainer.step(queries, cut, [torch.tensor(2.0)] * 3)
     assert stats["env/missing_eos_share"] == pytest.approx(1 / 3)
@@ -165,9 +167,9 @@ def test_truncation_after_first_stop_token_and_missing_eos_penalty(tok):
 def test_temperature_used_in_logprobs(tok):
     trainer = make_trainer(tokenizer=tok)
     queries, responses = rollout(trainer, temperature=0.5)
-    assert trainer._logprob_temperature() == 0.5
-    batch = trainer._make_batch(queries, responses)
-    lp = trainer._rollout_forward(batch, trainer._logprob_temperature())[0]
+    assert trainer.logprob_temperature() == 0.5
+    batch = RolloutBatch.build(queries, responses, trainer.pad_token_id)
+    lp = trainer.passes.rollout_pass(batch, trainer.logprob_temperature())[0]
     model = trainer.unwrapped_model.eval()
     q, r = queries[0], responses[0]
     ids = torch.cat([q, r])[None]
@@ -177,9 +179,9 @@ def test_temperature_used_in_logprobs(tok):
     torch.testing.assert_close(lp[0, : len(r)], expected, atol=1e-5, rtol=1e-5)
     off = make_trainer(tokenizer=tok, scale_logits_by_temperature=False)
     rollout(off, temperature=0.5)
-    assert off._logprob_temperature() == 1.0
+    assert off.logprob_temperature() == 1.0
     fixed = make_trainer(tokenizer=tok, temperature=0.7)
-    assert fixed._logprob_temperature() == 0.7
+    assert fixed.logprob_temperature() == 0.7
 
 
 def test_rollout_passes_always_run_with_dropout_off_and_sampling_by_option(tok):
@@ -200,9 +202,9 @@ def test_rollout_passes_always_run_with_dropout_off_and_sampling_by_option(tok):
         policy.train()  # as after an update
         queries, responses = rollout(trainer)
         phase[0] = "rollout"
-        batch = trainer._make_batch(queries, responses)
-        a = trainer._rollout_forward(batch, 1.0)
-        b = trainer._rollout_forward(batch, 1.0)
+        batch = RolloutBatch.build(queries, responses, trainer.pad_token_id)
+        a = trainer.passes.rollout_pass(batch, 1.0)
+        b = trainer.passes.rollout_pass(batch, 1.0)
         hook.remove()
         return a, b, seen, policy.training
 
@@ -279,17 +281,17 @@ def test_generation_logprobs_match_recomputed_pass(tok, fast_sampling):
     policy.train()
     queries = make_queries(tok, 6, seed=11, min_len=1, max_len=7)
     responses = trainer.generate(queries, return_prompt=False, batch_size=4, do_sample=True, top_k=0, top_p=1.0, temperature=0.7, max_new_tokens=7)
-    cached = trainer._take_generation_cache(responses)
+    cached = responses.old  # what generate returned with the responses
     assert cached is not None
-    batch = trainer._make_batch(queries, responses)
-    lp, v, _, _ = trainer._rollout_forward(batch, 0.7)
-    lp_c, v_c, _, _ = trainer._rollout_forward(batch, 0.7, cached)
+    batch = RolloutBatch.build(queries, responses, trainer.pad_token_id)
+    lp, v, _, _ = trainer.passes.rollout_pass(batch, 0.7)
+    lp_c, v_c, _, _ = trainer.passes.rollout_pass(batch, 0.7, cached)
     torch.testing.assert_close(lp_c, lp, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(v_c, v, atol=1e-5, rtol=1e-5)
-    assert trainer._take_generation_cache(responses) is None  # consumed
-    other = [r.flip(0) for r in responses]
-    trainer.generate(queries, return_prompt=False, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=3)
-    assert trainer._take_generation_cache(other) is None  # not the generated responses
+    other = [r.flip(0) for r in responses]  # a plain list: nothing to reuse, the rollout pass computes all
+    assert not isinstance(other, Responses)
+    with_prompt = trainer.generate(queries, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=3)
+    assert not isinstance(with_prompt, Responses)  # prompt + response: not what step scores
     assert bool(calls) != fast_sampling  # transformers' generate only when the loop is off
 
 
@@ -649,7 +651,7 @@ def test_bf16_recomputes_rollout_logprobs(tok):
     moved the learning curves, see reuse_generation_logprobs): they are not reused."""
     trainer = make_trainer(tokenizer=tok, bf16_autocast=True)
     queries, responses = rollout(trainer)
-    assert trainer._generation_cache is None and not trainer._reuse_generation
+    assert responses.old is None and not trainer.speedups.reuse_logprobs
 
 
 def test_fsdp_is_refused_with_the_alternative(tok, monkeypatch):
@@ -698,18 +700,18 @@ def test_logprob_reuse_follows_the_computation(tok, caplog):
     pass's numbers (fp32, no autocast, no dropout while sampling); the log says which way and why."""
     from peft import LoraConfig, get_peft_model
 
-    with caplog.at_level(logging.INFO, logger="stackllama.ppo.trainer"):
+    with caplog.at_level(logging.INFO, logger="stackllama.ppo"):
         fp32 = make_trainer(tokenizer=tok)
     assert fp32.reuse_blocker is None
     assert "PPO passes: no autocast; log pi_old and V_old: taken from the sampling passes" in caplog.text
     caplog.clear()
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     bf16_base = AutoModelForCausalLMWithValueHead(get_peft_model(make_model(tok).to(torch.bfloat16), lora))
-    with caplog.at_level(logging.INFO, logger="stackllama.ppo.trainer"):
+    with caplog.at_level(logging.INFO, logger="stackllama.ppo"):
         trainer = make_trainer(tokenizer=tok, policy=bf16_base)
     assert "recomputed by a rollout pass (the policy's weights are bfloat16" in caplog.text
-    rollout(trainer)
-    assert trainer._generation_cache is None  # nothing captured to be reused
+    _, responses = rollout(trainer)
+    assert responses.old is None  # nothing captured to be reused
     assert "bf16 autocast (PPOConfig.bf16_autocast)" in make_trainer(tokenizer=tok, bf16_autocast=True).reuse_blocker
     dropout = make_policy(tok, lora_dropout=0.1)
     assert "dropout" in make_trainer(tokenizer=tok, policy=dropout, rollout_in_eval_mode=False).reuse_blocker

@@ -171,7 +171,7 @@ def test_scaled_logits_model_with_a_frozen_reference_starts_at_zero_kl(tok):
     ref = copy.deepcopy(model)
     trainer = make_trainer(tokenizer=tok, policy=AutoModelForCausalLMWithValueHead(model, value_head_dropout=0.0),
                            ref_model=ref, ppo_epochs=1)
-    assert not trainer._reuse_generation  # generate's captured LM-head output lacks the scaling
+    assert not trainer.speedups.reuse_logprobs  # generate's captured LM-head output lacks the scaling
     queries, responses = rollout(trainer)
     stats = trainer.step(queries, responses, [torch.tensor(1.0)] * 4)
     assert abs(stats["objective/kl"]) < 1e-5
@@ -180,18 +180,17 @@ def test_scaled_logits_model_with_a_frozen_reference_starts_at_zero_kl(tok):
 @pytest.mark.parametrize("gpu, local_rank, expected", [(False, 0, {"": "cpu"}), (True, 5, {"": 5})])
 def test_quantized_base_is_placed_on_this_process_device(tmp_path, monkeypatch, gpu, local_rank, expected):
     """An 8/4-bit base goes to the process's own device (``device_map={"": local_process_index}``, as
-    stackllama.modeling does for every stage): with eight ranks, TRL's ``{"": "cuda"}`` put all eight
+    stackllama.processes.kbit_device_map does for every stage): with eight ranks, TRL's ``{"": "cuda"}`` put all eight
     copies on GPU 0. The map is checked as requested from transformers (no GPU here)."""
-    import accelerate
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from stackllama import modeling
+    from stackllama import processes
 
     class Rank:
         local_process_index = local_rank
 
-    monkeypatch.setattr(modeling, "accelerator_available", lambda: gpu)
-    monkeypatch.setattr(accelerate, "PartialState", Rank)
+    monkeypatch.setattr(processes, "accelerator_available", lambda: gpu)
+    monkeypatch.setattr(processes, "PartialState", Rank)
     requested = []
 
     def from_pretrained(name, **kwargs):

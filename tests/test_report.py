@@ -18,6 +18,7 @@ from stackllama.report import (
     build_report,
     choose_examples,
     fenced,
+    headline,
     read_ppo_log,
     verdict,
 )
@@ -140,8 +141,6 @@ def test_verdict_not_shown_when_interval_includes_zero():
 
 
 def test_headline_is_one_plain_line():
-    from stackllama.report import headline
-
     assert headline(fake_results()).startswith("PPO beats SFT on held-out reward: yes; difference +0.300")
     assert ": no;" in headline(fake_results(difference=-0.1, ci=(-0.3, 0.1)))
     assert "not shown" in headline(fake_results(difference=0.1, ci=(-0.1, 0.3)))

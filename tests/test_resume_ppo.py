@@ -185,17 +185,17 @@ def test_recipe_config_checkpoints():
 
 KILL_IN_UPDATE = """
 import time
-from stackllama.ppo import trainer as _trainer
+from stackllama.ppo import backend as _backend
 
-_step = _trainer.PPOTrainer._optimizer_step
+_step = _backend.SingleProcess.optimizer_step
 
-def _hooked(self):
-    _step(self)
-    if self.current_step == 4:  # step 5 is running and has moved the weights once
+def _hooked(self, step):
+    _step(self, step)
+    if step == 5:  # step 5 is running and has moved the weights once
         print("HOOK inside the update of step 5", flush=True)
         time.sleep(60)
 
-_trainer.PPOTrainer._optimizer_step = _hooked
+_backend.SingleProcess.optimizer_step = _hooked
 """
 
 

@@ -250,7 +250,7 @@ def test_lora_reward_model_merges_to_the_same_scores(small, tmp_path):
     """A SEQ_CLS adapter (LoRA + trained score head) merged into its base scores as before."""
     from peft import LoraConfig, get_peft_model
 
-    from stackllama.modeling import merge_lora
+    from stackllama.merge import merge_lora
 
     model, tokenizer = seq_cls(small.base)
     lora = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))

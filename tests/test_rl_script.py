@@ -182,7 +182,8 @@ def test_reward_fast_path_falls_back_when_bpe_reencoding_differs(caplog):
 
 
 def test_rl_script_end_to_end(run_dir, tmp_path, monkeypatch):
-    from stackllama.ppo import AutoModelForCausalLMWithValueHead, sampling
+    from stackllama.ppo import AutoModelForCausalLMWithValueHead
+    from stackllama.ppo.speedups import sampling_loop as sampling
 
     sampled = []  # the recipe's settings are pure sampling: the trainer's own loop samples
     monkeypatch.setattr(sampling, "sample", lambda *a, _f=sampling.sample, **k: sampled.append(1) or _f(*a, **k))
@@ -235,7 +236,7 @@ def test_rl_script_missing_reward_model_is_a_one_line_error(run_dir, tmp_path):
 def test_tracker_config_is_scalar_only():
     """TensorBoard's hparams reject None / lists / dicts: the trainer hands trackers strings for them."""
     from stackllama.ppo import PPOConfig
-    from stackllama.ppo.trainer import tracker_config
+    from stackllama.ppo.statistics import tracker_config
 
     values = tracker_config(PPOConfig(stop_token_ids=[3], tracker_kwargs={"wandb": {"name": "x"}}))
     assert all(isinstance(v, (int, float, str, bool)) for v in values.values())

@@ -59,7 +59,7 @@ def site_domain(name: str) -> str:
 
 def _extract_7z(archive: Path, scratch: Path) -> dict[str, Path]:
     """Extract Posts.xml / Users.xml from a site archive into `scratch`; returns name -> path."""
-    import py7zr
+    import py7zr  # only for a .7z dump
 
     try:
         with py7zr.SevenZipFile(archive, mode="r") as z:

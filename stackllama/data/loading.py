@@ -11,8 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import InputError, MissingInputError
-
-SUBSETS = ("finetune", "reward", "rl", "evaluation")
+from .pairs import SUBSETS
 
 
 def _check_subset(subset: str) -> None:
@@ -36,7 +35,7 @@ def load_pairs(data: str | Path, subset: str, streaming: bool = False):
 
     `data` is a `prepare_data.py` output folder or a Hub dataset id.
     """
-    from datasets import load_dataset
+    from datasets import load_dataset  # slow to import: only when a dataset is loaded
 
     _check_subset(subset)
     path = Path(data)
@@ -52,7 +51,7 @@ def load_pairs(data: str | Path, subset: str, streaming: bool = False):
 
 def load_preferences(data: str | Path, streaming: bool = False):
     """The preference dataset (one row per question, all its answers with `pm_score`)."""
-    from datasets import load_dataset
+    from datasets import load_dataset  # slow to import: only when a dataset is loaded
 
     path = Path(data)
     if path.exists():

@@ -1,6 +1,6 @@
-"""File-level pieces of PPO checkpoints (the trainer's ``save_checkpoint`` / ``load_checkpoint``
-use them): what goes in which file, reloading the policy's weights in place, random states
-that ``torch.load(weights_only=True)`` accepts, and cutting the log back to a step.
+"""PPO checkpoints: :func:`save_checkpoint` / :func:`load_checkpoint` (the trainer's methods of
+those names call them), what goes in which file, reloading the policy's weights in place,
+random states that ``torch.load(weights_only=True)`` accepts, and cutting the log back to a step.
 
 A checkpoint folder ``checkpoint-<step>/`` holds
 
@@ -19,13 +19,21 @@ A checkpoint folder ``checkpoint-<step>/`` holds
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
+from .. import resume
+from ..atomic import write_json, write_text
 from ..errors import InputError
+from .value_head import VALUE_HEAD_FILE
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "checkpoint"
 TRAINER_STATE = "trainer_state.json"
@@ -67,14 +75,10 @@ def load_policy_weights(model, directory: str | os.PathLike) -> None:
     or the same module with adapters off): building the policy from the checkpoint would
     make the checkpoint the reference. Every trainable tensor must be found in the files.
     """
-    from safetensors.torch import load_file
-
-    from .value_head import VALUE_HEAD_FILE
-
     directory = Path(directory)
     model.v_head.load_state_dict(load_file(str(directory / VALUE_HEAD_FILE)))
     if model.is_peft_model:
-        from peft import set_peft_model_state_dict
+        from peft import set_peft_model_state_dict  # only PEFT policies need peft
 
         adapter = directory / "adapter_model.safetensors"
         if not adapter.is_file():
@@ -124,7 +128,75 @@ def truncate_log(path: str | os.PathLike, step: int) -> int:
             continue
         if row.get("env/step", 0) <= step:
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_text(path, "".join(line + "\n" for line in kept))
     return len(kept)
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def save_checkpoint(trainer, output_dir: str, extra: dict | None = None, save_total_limit: int | None = None,
+                    **stateful) -> Path:
+    """Writes ``<output_dir>/checkpoint-<step>/`` with everything a resumed run needs to go on as
+    if never stopped (the files listed above), then keeps only the newest ``save_total_limit``.
+
+    The folder is written under a staging name and renamed when complete (marker last), so a
+    kill during the save leaves nothing that :func:`load_checkpoint` would trust. ``extra``:
+    JSON-able state of the caller (returned by ``load_checkpoint``); ``stateful``: objects with
+    ``state_dict`` / ``load_state_dict`` saved per process (e.g. the length sampler). Called on
+    every process: each writes its own random state."""
+    start = time.perf_counter()
+    acc = trainer.accelerator
+    final = checkpoint_dir(output_dir, trainer.current_step)
+    if acc.is_main_process:
+        resume.clear_staging(final)
+    acc.wait_for_everyone()
+    staging = resume.staging_dir(final)
+    trainer.save_pretrained(str(staging))  # the policy, reloadable as it is
+    trainer.backend.save_optimizer(staging)
+    if acc.is_main_process:
+        batches = len(trainer.dataloader) if trainer.dataloader is not None else None
+        state = {**trainer.state_dict(), "num_processes": acc.num_processes, "batch_size": trainer.config.batch_size,
+                 "data": {"epoch": trainer.epoch, "batch": trainer.batch_in_epoch, "batches_per_epoch": batches},
+                 "extra": extra or {}}
+        write_json(staging / TRAINER_STATE, state)
+    rng = {"rng": encode_rng(resume.rng_state()), "perm_generator": trainer.perm_generator.get_state(),
+           "data_epoch_start": trainer.epoch_start_state, **{k: v.state_dict() for k, v in stateful.items()}}
+    torch.save(rng, staging / rng_file(acc.process_index))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        resume.finalize(staging, final, {"stage": "ppo", "step": trainer.current_step})
+        resume.prune(output_dir, PREFIX, save_total_limit)
+        logger.info("saved %s (%.2f s)", final, time.perf_counter() - start)
+    acc.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(trainer, directory: str, **stateful) -> dict:
+    """Restores a :func:`save_checkpoint` folder into ``trainer`` (built as for a fresh run, so the
+    reference policy stays the starting model) and returns the caller's ``extra``. The log is
+    cut back to the checkpoint's step. Called last before the loop: it sets the random generators."""
+    directory = Path(directory)
+    acc = trainer.accelerator
+    state = json.loads((directory / TRAINER_STATE).read_text())
+    batches = len(trainer.dataloader) if trainer.dataloader is not None else None
+    saved = (state["num_processes"], state["batch_size"], state["data"]["batches_per_epoch"])
+    if saved != (acc.num_processes, trainer.config.batch_size, batches):
+        raise InputError(
+            f"{directory} was written by {saved[0]} process(es) with batch_size {saved[1]} and {saved[2]} batches per "
+            f"epoch; this run has {acc.num_processes}, {trainer.config.batch_size} and {batches}. Resume with the same "
+            "processes, batch size and queries, or start a new run.")
+    trainer.backend.load_optimizer(directory, lambda: load_policy_weights(trainer.unwrapped_model, directory))
+    trainer.load_state_dict(state)
+    trainer.epoch, trainer.batch_in_epoch = state["data"]["epoch"], state["data"]["batch"]
+    if trainer.current_step > 0:
+        trainer.unwrapped_model.train()  # as the last update left it (matters when rollouts keep dropout)
+    if trainer.config.log_jsonl and acc.is_main_process:
+        truncate_log(trainer.config.log_jsonl, trainer.current_step)
+    rng = torch.load(directory / rng_file(acc.process_index), map_location="cpu", weights_only=True)
+    for name, obj in stateful.items():
+        obj.load_state_dict(rng[name])
+    trainer.perm_generator.set_state(rng["perm_generator"])
+    trainer.epoch_start_state = rng["data_epoch_start"]
+    resume.set_rng_state(decode_rng(rng["rng"]))
+    return state["extra"]

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from ..errors import InputError
+from .core import KL_PENALTIES
 
 
 @dataclass
@@ -50,7 +51,7 @@ class PPOConfig:
     without it. Implemented with ``torch.autocast`` around every pass, the sampling loop and
     an explicit reference model included (accelerate autocasts only the model it prepared).
     On CPU, frozen weights are cast once and attention runs in fp32
-    (:mod:`stackllama.ppo.mixed_precision`). Under any autocast the rollout pass is recomputed
+    (:mod:`stackllama.ppo.speedups.mixed_precision`). Under any autocast the rollout pass is recomputed
     rather than taken from sampling (see ``reuse_generation_logprobs``). On a GPU with LoRA, a
     bf16 base (``--dtype bfloat16``) is the cheaper way to bf16: the frozen weights are stored
     in bf16 once, the adapters stay fp32 (see benchmarks/RESULTS.md for measured steps)."""
@@ -74,27 +75,26 @@ class PPOConfig:
     """Sequences per no-grad rollout forward pass (``log pi_ref``, and ``log pi_old`` /
     ``V_old`` when recomputed); bounds their memory. None: ``max(mini_batch_size, 8)``, at
     most ``batch_size``: a no-grad pass keeps no activations for a backward, so 8 sequences
-    in one pass need less memory than an update of one, and fewer, larger passes are faster
-    (CPU benchmark: 0.068 s instead of 0.085 for 16 sequences in chunks of 4)."""
+    in one pass need less memory than an update of one, and fewer, larger passes are faster."""
     generation_batch_size: int = 4
     """Prompts per ``generate`` call (TRL's default 4); left-padded, KV cache on."""
     fast_sampling: bool = True
     """Speed: when the generation settings are pure sampling (``do_sample``, ``top_k=0``,
     ``top_p=1``, a temperature, ``max_new_tokens``: the recipe's), sample with the
-    trainer's own decode loop (:mod:`stackllama.ppo.sampling`) instead of transformers'
+    trainer's own decode loop (:mod:`stackllama.ppo.speedups.sampling_loop`) instead of transformers'
     ``generate``: the same distribution, without ``generate``'s per-token processors and a
     vocabulary-wide ``multinomial``. Other settings, and ZeRO-3 sampling on the shards
     (``ds3_gather_for_generation=False``), use ``generate``. False: always ``generate``."""
     merge_lora_for_sampling: bool = True
     """Speed: while sampling, run each LoRA-adapted ``nn.Linear`` as one matmul with
     ``W + s B A`` (a temporary copy of the adapted weights; the base is not modified) instead
-    of the base matmul plus the adapter path (:mod:`stackllama.ppo.merged_lora`). Not for
+    of the base matmul plus the adapter path (:mod:`stackllama.ppo.speedups.merged_lora`). Not for
     a quantized base, LoRA variants (DoRA) or under ZeRO-3, which keep the adapter path."""
     cpu_malloc_tuning: bool = True
     """Speed, on CPU: keep glibc malloc from unmapping and re-faulting the memory of each
-    step's tensors (:mod:`stackllama.ppo.cpu_allocator`; 7% of the bf16 benchmark step, no
-    measurable change in fp32).
-    Process-wide, and freed memory (up to 256 MB) stays with the process. Off on GPU."""
+    step's tensors (:mod:`stackllama.ppo.speedups.cpu_allocator`). Process-wide, so
+    ``scripts/rl_ppo.py`` applies it before loading the models; freed memory (up to 256 MB)
+    stays with the process. Off on GPU."""
 
     # ------------------------------------------------------------------ optimizer
     learning_rate: float = 1.41e-5
@@ -178,9 +178,10 @@ class PPOConfig:
     of a second no-grad pass of the policy, where the two compute the same numbers: fp32
     weights and no autocast (neither ``bf16_autocast`` nor accelerate's mixed precision,
     nor a bf16 DeepSpeed engine), no 4/8-bit base, no ZeRO-3, no dropout while sampling,
-    not ``kl_penalty="full"`` (:mod:`stackllama.ppo.logprob_reuse`; the log says which way
+    not ``kl_penalty="full"`` (:mod:`stackllama.ppo.speedups.logprob_reuse`; the log says which way
     it went and why). There they agree to fp32 rounding (KV cache vs full pass; tested).
-    Used only when ``step`` receives exactly the responses of the last ``generate`` call.
+    Used only when ``step`` receives the :class:`~stackllama.ppo.generation.Responses` that
+    ``generate(..., return_prompt=False)`` returned, before any update since.
     Elsewhere the two passes round differently, enough to move the reward and KL curves
     (``benchmarks/ppo_bf16_curves.py``), so the pass is recomputed."""
     position_ids_from_attention_mask: bool = True
@@ -210,8 +211,6 @@ class PPOConfig:
     degenerate_min_tokens: int = 8
 
     def __post_init__(self) -> None:
-        from .core import KL_PENALTIES
-
         if self.kl_penalty not in KL_PENALTIES:
             raise InputError(f"kl_penalty must be one of {KL_PENALTIES}, got {self.kl_penalty!r}")
         if self.lr_schedule not in ("constant", "linear"):

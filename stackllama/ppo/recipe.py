@@ -13,8 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import run_layout
+from ..data.loading import load_pairs
 from ..data.template import format_prompt
 from ..errors import InputError
+from ..modeling import load_model, lora_config
+from ..resume import latest_checkpoint, resolve_resume
+from .checkpointing import PREFIX
+from .value_head import AutoModelForCausalLMWithValueHead
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +80,6 @@ def build_query_dataset(data_dir: str, tokenizer, max_prompt_length: int | None 
     Queries are `format_prompt(question)`; those over `max_prompt_length` tokens are dropped
     and their number returned (the recipe kept prompts under 512 tokens).
     """
-    from ..data.loading import load_pairs
-
     dataset = load_pairs(data_dir, subset)
     if "question" not in dataset.column_names:
         raise InputError(f"{data_dir} ({subset}): no `question` column; found {dataset.column_names}")
@@ -115,9 +118,6 @@ def load_policy(model_args, tokenizer, trust_remote_code: bool = False):
     With LoRA, the reference policy is the same model with the adapters disabled (no second
     copy); without, `PPOTrainer` keeps a frozen copy.
     """
-    from ..modeling import load_model, lora_config
-    from .value_head import AutoModelForCausalLMWithValueHead
-
     model = load_model(model_args, tokenizer, task="causal_lm", trust_remote_code=trust_remote_code)
     if model.generation_config.eos_token_id is None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -138,9 +138,6 @@ def checkpoint_to_resume(value: str | None, output_dir: str | Path) -> Path | No
     A fresh start refuses an output folder that already holds complete checkpoints: they
     belong to an earlier run, and `latest` or `--save_total_limit` would take them for this
     run's (a stale `checkpoint-60` outranks a new `checkpoint-20`)."""
-    from ..resume import latest_checkpoint, resolve_resume
-    from .checkpointing import PREFIX
-
     resume = resolve_resume(value, output_dir, PREFIX)
     stale = latest_checkpoint(output_dir, PREFIX) if resume is None else None
     if stale is not None:

@@ -21,10 +21,14 @@ import os
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from ..errors import InputError
-from .last_layer import last_layer_from
+from ..modeling import guard_cpu_4bit_packing
+from ..processes import kbit_device_map
+from .speedups.last_layer import last_layer_from
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_HEAD_CONFIG = "value_head_config.json"
@@ -214,8 +218,6 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
 
         ``state_dict``: this wrapper's full state dict when the parameters themselves are not
         whole here (DeepSpeed ZeRO-3 gathers it with ``accelerator.get_state_dict``)."""
-        from safetensors.torch import save_file
-
         os.makedirs(save_directory, exist_ok=True)
         head = self.v_head.state_dict()
         if state_dict is not None:
@@ -249,10 +251,6 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
           the base is prepared with ``prepare_model_for_kbit_training`` first.
         - ``value_head.safetensors``, when present, restores the value head.
         """
-        from transformers import AutoModelForCausalLM
-
-        from ..modeling import guard_cpu_4bit_packing
-        from ..processes import kbit_device_map
 
         def load_base(name_or_model):
             if isinstance(name_or_model, nn.Module):

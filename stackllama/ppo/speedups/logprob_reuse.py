@@ -6,9 +6,8 @@ Reusing them saves the policy's no-grad rollout pass. That is only right when th
 passes and a rollout pass compute the same numbers, to float rounding:
 
 - in fp32. Under bf16 or fp16 (autocast, bf16/fp16 weights, a DeepSpeed engine in bf16) the
-  one-token passes with a cache and a full pass round differently: about 2e-3 nats per token
-  with bf16 weights, enough to move the reward and KL curves by 2-3 standard errors over 10
-  seeds (``benchmarks/ppo_bf16_curves.py``), against well under 1 when recomputed;
+  one-token passes with a cache and a full pass round differently, enough to move the
+  reward and KL curves (``benchmarks/ppo_bf16_curves.py``; figures in ``benchmarks/RESULTS.md``);
 - without dropout while sampling (``rollout_in_eval_mode``, or no dropout in the model): the
   rollout pass always runs with dropout off;
 - not on an 8/4-bit base, whose kernels differ between a one-token and a full pass;
@@ -29,7 +28,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .value_head import logits_transform
+from ..value_head import logits_transform
 
 
 def has_dropout(model: nn.Module) -> bool:

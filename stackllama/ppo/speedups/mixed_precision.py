@@ -19,8 +19,8 @@ barely faster than fp32 there (``benchmarks/ppo_step.py --bf16``), and are chang
   would have made, so the results are bit-identical, and decoding reads half the bytes.
   Memory: a bf16 copy of those weights (half their fp32 size); load the base in bf16 to
   need neither. Re-made when the weight is modified in place.
-- **Attention runs in fp32.** PyTorch's CPU attention in bf16 is slower than in fp32:
-  2x in the flash-attention backward, 4-6x for one-token decoding steps with a mask.
+- **Attention runs in fp32.** PyTorch's CPU attention in bf16 is slower than in fp32, in
+  the flash-attention backward and most of all in one-token decoding steps with a mask.
   Query/key/value are cast to fp32 for ``scaled_dot_product_attention`` and the output
   back to bf16 (more precise than bf16 attention, and faster here); sampling keeps its KV
   cache in fp32 (``kv_cache_dtype``) so that no step casts the whole cache. Only for
@@ -36,6 +36,9 @@ from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 FP32_SDPA = "stackllama_sdpa_fp32"
 _registered = False
@@ -46,10 +49,6 @@ def _register_fp32_sdpa() -> None:
     global _registered
     if _registered:
         return
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     def sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
         dtype = query.dtype
         with torch.autocast(query.device.type, enabled=False):

@@ -2,8 +2,8 @@
 
 Why not ``generate``: for the sampling PPO needs (``do_sample``, ``top_k=0``, ``top_p=1``, a
 temperature: the recipe's settings) ``generate`` adds logits processors, stopping criteria
-and a ``multinomial`` draw over the whole vocabulary at every token; on the benchmark's
-tiny workload that is about a fifth of the generation time (``benchmarks/ppo_step.py``).
+and a ``multinomial`` draw over the whole vocabulary at every token, a large share of the
+generation time of a small model (``benchmarks/RESULTS.md``).
 This loop does only that sampling: one forward of the decoder per new token with a KV
 cache allocated once for prompt + ``max_new_tokens``, the LM head on the last position
 only, the next token drawn by inverse CDF from ``softmax(logits / T)``, rows that emitted
@@ -24,10 +24,10 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from . import core
-from .guards import effective_generation_param
+from .. import core
+from ..guards import effective_generation_param
+from ..value_head import logits_transform
 from .last_layer import last_layer_from
-from .value_head import logits_transform
 
 # Generation-config fields this loop implements; any other non-default field goes to generate.
 _HANDLED = {
@@ -124,9 +124,8 @@ def draw(probs: torch.Tensor) -> torch.Tensor:
 
 def sample(*args, **kwargs):
     """:func:`sample_loop` under ``torch.inference_mode`` (no autograd bookkeeping on any
-    tensor: 2-3% of the benchmark's generation time in fp32, 7-11% under bf16 autocast, where
-    each token's ops are small), returning
-    normal tensors, which later autograd passes may use."""
+    tensor, which matters most under bf16 autocast, where each token's ops are small),
+    returning normal tensors, which later autograd passes may use."""
     with torch.inference_mode():
         out = sample_loop(*args, **kwargs)
     return tuple(None if t is None else t.clone() for t in out)

@@ -3,11 +3,9 @@
 glibc serves large allocations with ``mmap`` and gives freed heap memory back to the
 kernel; both thresholds adapt, but on PyTorch's allocation pattern (tensors of a few MB,
 made and freed many times per step) they keep settling below what the step allocates, so
-the same memory is unmapped and faulted in again and again: about 500k minor page faults
-over the benchmark's 6 PPO steps (``benchmarks/ppo_step.py``). With allocations up to 32 MB
-served from the heap, and up to 256 MB of free heap kept, the faults fall to 150k and the
-bf16 step is 7% faster (0.74 against 0.80 s, four interleaved runs each; the fp32 step not
-measurably: 1.075 against 1.082 s). Peak memory is unchanged, but memory freed after the
+the same memory is unmapped and faulted in again and again. With allocations up to 32 MB
+served from the heap, and up to 256 MB of free heap kept, most of those faults go
+(``benchmarks/RESULTS.md``). Peak memory is unchanged, but memory freed after the
 peak stays with the process (up to 256 MB more). Setting only one of the
 two is worse than neither: a fixed trim threshold switches off the adaptation of the
 mmap threshold too.
@@ -33,9 +31,13 @@ _ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "
 _applied = False
 
 
-def keep_freed_memory() -> bool:
-    """Applies the settings above once per process; True when they are in effect."""
+def keep_freed_memory(device=None) -> bool:
+    """Applies the settings above once per process when ``device`` (the process's training
+    device) is the CPU or not given; True when they are in effect. Process-wide: the script
+    calls it, before the models are loaded."""
     global _applied
+    if device is not None and str(device).split(":")[0] != "cpu":
+        return False
     if _applied:
         return True
     if not sys.platform.startswith("linux") or any(k in os.environ for k in _ENV):

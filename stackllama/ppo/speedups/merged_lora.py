@@ -2,8 +2,8 @@
 
 Sampling runs one forward per new token, and with LoRA every adapted projection is the base
 matmul plus four more small operations (dropout, ``A``, ``B``, the scaled add), each a
-kernel launch on a GPU and a dispatch on a CPU: 6-15% of the generation time on the
-benchmark (``benchmarks/ppo_step.py``'s workload, measured with the adapters disabled). While sampling nothing trains, so each adapted
+kernel launch on a GPU and a dispatch on a CPU (``benchmarks/RESULTS.md``). While sampling
+nothing trains, so each adapted
 ``nn.Linear`` can use ``W' = W + s B A`` instead (PEFT's own delta,
 ``get_delta_weight``): the same function, up to float rounding.
 
@@ -39,6 +39,12 @@ def _mergeable(layer) -> list[str]:
     if any(layer.lora_dropout[a].training and getattr(layer.lora_dropout[a], "p", 0.0) > 0 for a in adapters):
         return []
     return adapters
+
+
+def merge_applies(model: nn.Module, wanted: bool, sharded: bool) -> bool:
+    """Whether sampling may fold ``model``'s LoRA adapters in: asked for (``merge_lora_for_sampling``),
+    a PEFT model, and its weights whole on each process (not ZeRO-3 shards)."""
+    return bool(wanted and getattr(model, "is_peft_model", False) and not sharded)
 
 
 @contextlib.contextmanager

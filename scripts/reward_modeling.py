@@ -50,7 +50,7 @@ from stackllama.reward_modeling import (
     load_reward_model,
     tokenize_pairs,
 )
-from stackllama.stage import configure_reporting, run_script, write_results
+from stackllama.stage import configure_reporting, finish_stage, run_script
 
 logger = logging.getLogger("stackllama.reward_modeling")
 
@@ -147,13 +147,11 @@ def main(script_args: RewardScriptArguments, training_args: RewardConfig, model_
                               base_model=base_model, dtype=script_args.merge_dtype, task="seq_cls",
                               trust_remote_code=training_args.trust_remote_code)
             results["merged_output_dir"] = merged_dir
-        results["wall_time_s"] = round(time.time() - start, 1)
+    results["wall_time_s"] = round(time.time() - start, 1)
+    if trainer.is_world_process_zero():
         write_reward_card(training_args.output_dir, base_model, script_args.data_dir, results)
-        path = write_results(training_args.output_dir, RESULTS_FILE, results)
-        logger.info("reward modeling done in %.0f s; results in %s", results["wall_time_s"], path)
-    trainer.accelerator.wait_for_everyone()  # the ranks end together, after rank 0's writes
-    trainer.accelerator.end_training()
-    return results
+    return finish_stage(trainer.accelerator, training_args.output_dir, RESULTS_FILE, results,
+                        f"reward modeling done in {results['wall_time_s']:.0f} s")
 
 
 if __name__ == "__main__":

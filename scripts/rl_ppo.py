@@ -49,7 +49,7 @@ from stackllama.run_layout import (
     default_reward_model,
     default_sft_model,
 )
-from stackllama.stage import configure_reporting, run_script, write_results
+from stackllama.stage import configure_reporting, finish_stage, run_script
 
 logger = logging.getLogger("stackllama.ppo")
 
@@ -164,14 +164,10 @@ def main(script_args: RLScriptArguments, config: PPOConfig, model_args: ModelCon
         "log": config.log_jsonl,
         "wall_time_s": round(time.time() - start, 1),
     })
-    if ppo_trainer.accelerator.is_main_process:
-        path = write_results(output_dir, RESULTS_FILE, results)
-        logger.info("PPO done: mean reward %.3f (first %d steps) -> %.3f (last %d), KL %.3f, %.2f s/step; results in %s",
-                    results["reward_first"], window, results["reward_last"], window, results["kl_last"],
-                    results["seconds_per_step"], path)
-    ppo_trainer.accelerator.wait_for_everyone()  # the ranks end together, after rank 0's writes
-    ppo_trainer.accelerator.end_training()
-    return results
+    done = (f"PPO done: mean reward {results['reward_first']:.3f} (first {window} steps) -> "
+            f"{results['reward_last']:.3f} (last {window}), KL {results['kl_last']:.3f}, "
+            f"{results['seconds_per_step']:.2f} s/step")
+    return finish_stage(ppo_trainer.accelerator, output_dir, RESULTS_FILE, results, done)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from stackllama.sft import (
     perplexity,
     resolve_base_model,
 )
-from stackllama.stage import configure_reporting, run_script, write_results
+from stackllama.stage import configure_reporting, finish_stage, run_script
 
 logger = logging.getLogger("stackllama.sft")
 
@@ -135,12 +135,8 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
         logger.info("merged full weights written to %s", merged_dir)
 
     results["wall_time_s"] = round(time.time() - start, 1)
-    if trainer.is_world_process_zero():
-        path = write_results(training_args.output_dir, RESULTS_FILE, results)
-        logger.info("SFT done in %.0f s; results in %s", results["wall_time_s"], path)
-    trainer.accelerator.wait_for_everyone()  # the ranks end together, after rank 0's writes
-    trainer.accelerator.end_training()
-    return results
+    return finish_stage(trainer.accelerator, training_args.output_dir, RESULTS_FILE, results,
+                        f"SFT done in {results['wall_time_s']:.0f} s")
 
 
 if __name__ == "__main__":

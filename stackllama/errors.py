@@ -1,5 +1,5 @@
 """The project's error types: one base class, :class:`StackLlamaError`, that every script
-catches once (:func:`stackllama.script.run_script`) and prints as a one-line message.
+catches once (:func:`stackllama.stage.run_script`) and prints as a one-line message.
 
 Each type also derives from the built-in exception that callers already catch for it
 (``ValueError`` for bad input, ``ImportError`` for a missing package, ...), so code written

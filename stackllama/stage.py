@@ -69,6 +69,18 @@ def write_results(output_dir: str | os.PathLike, filename: str, results: dict) -
     return write_json(Path(output_dir) / filename, results)
 
 
+def finish_stage(accelerator, output_dir: str | os.PathLike, filename: str, results: dict, done: str) -> dict:
+    """A training stage's last act, on every process: rank 0 writes the results file (the
+    completion marker, so after all its other writes) and logs ``done``; then the ranks end
+    together (they wait for rank 0's writes, and the trackers are closed). Returns ``results``."""
+    if accelerator.is_main_process:
+        path = write_results(output_dir, filename, results)
+        logger.info("%s; results in %s", done, path)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
 def is_main_process() -> bool:
     """Rank 0 of a launched run (torchrun / accelerate launch set RANK), or a single process."""
     return int(os.environ.get("RANK", "0")) == 0

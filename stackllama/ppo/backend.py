@@ -46,6 +46,8 @@ class SingleProcess:
 
     is_deepspeed = False
     is_zero3 = False
+    own_reference_forward = False
+    """Whether an explicit reference model runs its own forward (an engine) rather than the policy's logits path."""
 
     def __init__(self, accelerator: Accelerator, config) -> None:
         self.accelerator = accelerator
@@ -182,6 +184,7 @@ class DeepSpeed(SingleProcess):
     skipped by ``ratio_threshold`` does not step."""
 
     is_deepspeed = True
+    own_reference_forward = True
 
     def __init__(self, accelerator: Accelerator, config) -> None:
         super().__init__(accelerator, config)

@@ -126,7 +126,7 @@ class PPOTrainer:
         # Speed-ups, the passes, sampling
         self.speedups = plan_speedups(cfg, self.unwrapped_model, self.ref_model, self.accelerator, self.backend)
         self.passes = Passes(cfg, self.model, self.unwrapped_model, self.ref_model, self.speedups.precision,
-                             own_reference_forward=self.backend.is_deepspeed)
+                             own_reference_forward=self.backend.own_reference_forward)
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
         self.eos_ids = flatten_stop_ids(eos if eos is not None else self.unwrapped_model.generation_config.eos_token_id)
         self.stops = StopTokens(self.eos_ids, flatten_stop_ids(cfg.stop_token_ids), cfg.stop_after)

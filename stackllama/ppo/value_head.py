@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM
 from ..errors import InputError
 from ..modeling import guard_cpu_4bit_packing
 from ..processes import kbit_device_map
+from ..run_layout import is_adapter
 from .speedups.last_layer import last_layer_from
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -266,7 +267,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
             return model
 
         directory = path_or_model if isinstance(path_or_model, str) else None
-        if directory is not None and os.path.isfile(os.path.join(directory, "adapter_config.json")):
+        if directory is not None and is_adapter(directory):
             from peft import PeftConfig, PeftModel
 
             if base_model is None:

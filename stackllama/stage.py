@@ -81,17 +81,13 @@ def finish_stage(accelerator, output_dir: str | os.PathLike, filename: str, resu
     return results
 
 
-def is_main_process() -> bool:
-    """Rank 0 of a launched run (torchrun / accelerate launch set RANK), or a single process."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def run_script(main: Callable, dataclass_types: Sequence[type] | None = None, description: str | None = None,
                args: Sequence[str] | None = None) -> None:
     """A script's ``__main__``: logging, the flags (``--config`` YAML included) parsed into
     ``dataclass_types`` and passed to ``main`` (none: ``main()`` parses its own), and the end:
     a :data:`USER_ERRORS` error becomes ``<script>: error: <message>`` and exit status 1, and
     every process of a launched run ends the same way (:func:`stackllama.processes.end_process`)."""
+    # deferred: both import torch, which the pipeline driver (a user of this module) runs without
     from .cli import fail, parse_args
     from .processes import end_process
 

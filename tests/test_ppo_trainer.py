@@ -288,8 +288,15 @@ def test_generation_logprobs_match_recomputed_pass(tok, fast_sampling):
     lp_c, v_c, _, _ = trainer.passes.rollout_pass(batch, 0.7, cached)
     torch.testing.assert_close(lp_c, lp, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(v_c, v, atol=1e-5, rtol=1e-5)
-    other = [r.flip(0) for r in responses]  # a plain list: nothing to reuse, the rollout pass computes all
-    assert not isinstance(other, Responses)
+    # What step reuses is what it is given: the responses generate returned, before any update since
+    given = []
+    rollout_pass = trainer.passes.rollout_pass
+    trainer.passes.rollout_pass = lambda batch, t, old=None: given.append(old is not None) or rollout_pass(batch, t, old)
+    scores = [torch.tensor(1.0)] * len(responses)
+    trainer.step(queries, responses, scores)
+    trainer.step(queries, responses, scores)  # the weights moved: recomputed
+    trainer.step(queries, [r.flip(0) for r in responses], scores)  # not generate's output: recomputed
+    assert given == [True, False, False]
     with_prompt = trainer.generate(queries, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=3)
     assert not isinstance(with_prompt, Responses)  # prompt + response: not what step scores
     assert bool(calls) != fast_sampling  # transformers' generate only when the loop is off

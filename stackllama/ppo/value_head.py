@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoModelForCausalLM
 
 from ..errors import InputError
 from ..modeling import guard_cpu_4bit_packing
@@ -261,6 +260,9 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
                 kwargs["quantization_config"] = quantization_config
                 # this process's own device: eight ranks asking for "cuda" would all load onto GPU 0
                 kwargs.setdefault("device_map", kbit_device_map())
+            # deferred: importing the auto classes is slow, and --help needs none of them
+            from transformers import AutoModelForCausalLM
+
             model = AutoModelForCausalLM.from_pretrained(name_or_model, **kwargs)
             if quantization_config is not None:
                 guard_cpu_4bit_packing(model)  # bitsandbytes' CPU 4-bit kernel asserts on some shapes

@@ -36,9 +36,6 @@ from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 FP32_SDPA = "stackllama_sdpa_fp32"
 _registered = False
@@ -49,6 +46,12 @@ def _register_fp32_sdpa() -> None:
     global _registered
     if _registered:
         return
+    # deferred: these pull in transformers' attention and distributed machinery (about a second
+    # of import time), needed only once bf16 autocast runs on CPU
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
     def sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
         dtype = query.dtype
         with torch.autocast(query.device.type, enabled=False):

@@ -22,7 +22,8 @@ from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stackllama.data.prepare import bundled_dumps, default_num_proc  # noqa: E402
+from stackllama.data.options import default_num_proc  # noqa: E402
+from stackllama.data.prepare import bundled_dumps  # noqa: E402
 
 _ID_FIELDS = ("Id", "ParentId", "AcceptedAnswerId")
 _CHILD = """

@@ -40,7 +40,7 @@ from stackllama.report import (
     headline,
     read_json,
 )
-from stackllama.run_layout import EVALUATION_RESULTS, run_dir
+from stackllama.run_layout import EVALUATION_RESULTS, REPORT_FILE, run_dir
 from stackllama.stage import run_script, write_results
 
 logger = logging.getLogger("stackllama.evaluation")
@@ -90,7 +90,7 @@ def main(args: EvaluateScriptArguments) -> dict:
         write_results(tmp, EVALUATION_RESULTS, results)  # last: the completion marker
     logger.info("mean score SFT %.3f, PPO %.3f. %s", results["sft"]["mean_score"], results["ppo"]["mean_score"],
                 results["verdict_headline"])
-    logger.info("report in %s (%.0f s)", output_dir / "report.md", results["wall_time_s"])
+    logger.info("report in %s (%.0f s)", output_dir / REPORT_FILE, results["wall_time_s"])
     return results
 
 

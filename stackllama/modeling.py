@@ -133,6 +133,14 @@ def ensure_pad_token(tokenizer, task: Task = "causal_lm"):
     return tokenizer
 
 
+def adapter_base(path: str) -> str:
+    """The base model recorded in the LoRA adapter at ``path`` (its ``base_model_name_or_path``)."""
+    # peft is slow to import: only when an adapter is loaded, not at --help
+    from peft import PeftConfig
+
+    return PeftConfig.from_pretrained(path).base_model_name_or_path
+
+
 def load_tokenizer(
     name_or_path: str,
     revision: str = "main",

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from . import run_layout
 from .data.template import format_example
-from .modeling import load_tokenizer, torch_dtype
+from .modeling import adapter_base, load_tokenizer, torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -231,10 +231,9 @@ def load_reward_model(path: str, dtype: str | None = None, trust_remote_code: bo
         kwargs["device_map"] = {"": torch.device(device)}
     if run_layout.is_adapter(path):
         # deferred: only an adapter needs peft
-        from peft import PeftConfig, PeftModel
+        from peft import PeftModel
 
-        base = PeftConfig.from_pretrained(path).base_model_name_or_path
-        model = AutoModelForSequenceClassification.from_pretrained(base, **kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(adapter_base(path), **kwargs)
         model = PeftModel.from_pretrained(model, path)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)

@@ -4,7 +4,6 @@ so that the evaluation samples the way training did."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from .. import run_layout
 from ..data.loading import check_data_dir
 from ..errors import InputError
 from ..ppo.recipe import RLScriptArguments
+from ..report.logs import read_json
 from .arguments import EvaluateScriptArguments
 
 # The recipe's prompt and response lengths: the PPO stage's defaults (LengthSampler(32, 128), prompts <= 512)
@@ -50,11 +50,7 @@ def ppo_run_settings(ppo_dir: str | None) -> dict:
     """The PPO run's figures (`ppo_results.json`) that evaluation should match, or {}."""
     if ppo_dir is None:
         return {}
-    path = Path(ppo_dir) / run_layout.PPO_RESULTS
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_json(Path(ppo_dir) / run_layout.PPO_RESULTS) or {}
 
 
 def _check_flags(args: EvaluateScriptArguments) -> None:

@@ -10,10 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from ..errors import ModelLoadError
-from ..modeling import load_tokenizer, torch_dtype
+from ..modeling import adapter_base, load_tokenizer, torch_dtype
 from ..run_layout import is_adapter, model_kind
 
 logger = logging.getLogger(__name__)
@@ -47,20 +46,18 @@ def _same_path(a: str, b: str) -> bool:
     return a.rstrip("/") == b.rstrip("/")
 
 
-def adapter_base(path: str) -> str:
-    """The base model recorded in the LoRA adapter at `path`."""
-    # peft is slow to import: only when an adapter is loaded, not at --help
-    from peft import PeftConfig
-
-    return PeftConfig.from_pretrained(path).base_model_name_or_path
-
-
 def load_causal_lm(path: str, dtype: str | None = "auto", trust_remote_code: bool = False):
     """A causal LM from full weights, or a LoRA adapter over its recorded base (not merged)."""
+    from transformers import (
+        AutoModelForCausalLM,  # deferred: the auto classes are slow to import (--help)
+    )
+
     kwargs = dict(dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
     try:
         if is_adapter(path):
-            from peft import PeftModel  # deferred, as in adapter_base
+            from peft import (
+                PeftModel,  # deferred: peft is slow to import, only an adapter needs it
+            )
 
             model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(adapter_base(path), **kwargs), path)
         else:

@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-SAMPLES_FILE = "evaluation_samples.jsonl"
+from .. import run_layout
+
+SAMPLES_FILE = run_layout.EVALUATION_SAMPLES
 
 
 def sample_rows(items: Sequence[tuple[int, int]], queries: Sequence[str], lengths: Sequence[int], texts: dict,

@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 
 from .. import stage
-from ..report import REPORT_FILE
-from ..run_layout import LOGS, PIPELINE_RESULTS, REPORT
+from ..run_layout import LOGS, PIPELINE_RESULTS, REPORT, REPORT_FILE
 from .arguments import PipelineArguments
 from .logged_run import run_command, tail
 from .plan import plan_step

@@ -83,7 +83,11 @@ class SingleProcess:
     def _loss_scaled(self) -> bool:
         return self.accelerator.scaler is not None
 
-    def generation_model(self, model, generation_kwargs: dict):
+    def generation_settings(self, generation_kwargs: dict) -> dict:
+        """The caller's generation settings plus what this backend needs (here: nothing)."""
+        return generation_kwargs
+
+    def generation_model(self, model):
         """A context giving the model to sample with (here: the model itself)."""
         return contextlib.nullcontext(model)
 
@@ -213,18 +217,22 @@ class DeepSpeed(SingleProcess):
     def _loss_scaled(self) -> bool:
         return self.model.fp16_enabled()
 
-    def generation_model(self, model, generation_kwargs: dict):
+    def generation_settings(self, generation_kwargs: dict) -> dict:
+        """ZeRO-3 sampling on the shards (``ds3_gather_for_generation=False``): every rank must run
+        as many forwards as the slowest (``synced_gpus``), or the collectives hang."""
+        if self.is_zero3 and not self.config.ds3_gather_for_generation:
+            return {"synced_gpus": True, **generation_kwargs}
+        return generation_kwargs
+
+    def generation_model(self, model):
         """The whole weights gathered once for the call (TRL's helper) instead of fetched layer by
-        layer at every new token; without gathering (``ds3_gather_for_generation=False``) every rank
-        must run as many forwards as the slowest (``synced_gpus``) or the collectives hang."""
+        layer at every new token (unless ``ds3_gather_for_generation=False``)."""
         from trl.models.utils import (
             unwrap_model_for_generation,  # imported only here: ~250 MB of RSS
         )
 
-        gather = self.config.ds3_gather_for_generation
-        if self.is_zero3 and not gather:
-            generation_kwargs.setdefault("synced_gpus", True)
-        return unwrap_model_for_generation(self.model, self.accelerator, gather_deepspeed3_params=gather)
+        return unwrap_model_for_generation(self.model, self.accelerator,
+                                           gather_deepspeed3_params=self.config.ds3_gather_for_generation)
 
     def state_dict_to_save(self):
         """ZeRO-3 holds a shard of each weight per process: gathered (every process takes part)."""

@@ -55,15 +55,16 @@ class Sampler:
         Dropout is off while sampling when ``rollout_in_eval_mode``; sampling runs in the run's
         precision regime, as every pass of ``step``."""
         capture = self.speedups.reuse_logprobs
+        # the backend's settings first: the sampling loop is chosen on the settings generate gets
+        generation_kwargs = self.backend.generation_settings(generation_kwargs)
+        own_loop = self.speedups.use_sampling_loop(model.causal_lm, generation_kwargs, length_sampler is not None)
         # as generate: an explicit eos_token_id=None in the call means no EOS stop
         eos_ids = flatten_stop_ids(generation_kwargs["eos_token_id"] if "eos_token_id" in generation_kwargs
                                    else model.generation_config.eos_token_id)
         responses, old = [], [] if capture else None
-        # the backend's context first: it may add generation settings (ZeRO-3 on the shards: synced_gpus)
-        with (self.backend.generation_model(model, generation_kwargs) as model,
+        with (self.backend.generation_model(model) as model,
               dropout_off(model, enabled=self.config.rollout_in_eval_mode),
               merged_lora(model, enabled=self.speedups.merge_lora_for_sampling)):
-            own_loop = self.speedups.use_sampling_loop(model.causal_lm, generation_kwargs, length_sampler is not None)
             for start in range(0, len(queries), batch_size):
                 chunk = [q.to(self.device) for q in queries[start : start + batch_size]]
                 kwargs = dict(generation_kwargs)

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import InputError
-from ..modeling import guard_cpu_4bit_packing
+from ..modeling import adapter_base, guard_cpu_4bit_packing
 from ..processes import kbit_device_map
 from ..run_layout import is_adapter
 from .speedups.last_layer import last_layer_from
@@ -270,10 +270,10 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
 
         directory = path_or_model if isinstance(path_or_model, str) else None
         if directory is not None and is_adapter(directory):
-            from peft import PeftConfig, PeftModel
+            from peft import PeftModel  # deferred: only an adapter needs peft
 
             if base_model is None:
-                base_model = PeftConfig.from_pretrained(directory).base_model_name_or_path
+                base_model = adapter_base(directory)
             base = load_base(base_model)
             if quantization_config is not None and is_trainable:
                 base = _prepare_kbit(base)

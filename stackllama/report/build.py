@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..atomic import write_text
+from ..run_layout import REPORT_FILE
 from .logs import LogSources, TrainingLogs
 from .plots import PPO_PLOT, REWARD_PLOT, SFT_PLOT, plot_ppo, plot_reward, plot_sft
 from .sections import render_report
@@ -14,7 +15,6 @@ from .verdict import verdict
 
 logger = logging.getLogger(__name__)
 
-REPORT_FILE = "report.md"
 
 
 def build_report(output_dir: str | Path, results: dict | None, samples: Sequence[dict],

@@ -79,7 +79,6 @@ def read_ppo_log(path: str | Path) -> tuple[list[dict] | None, list[str]]:
     return runs[-1], notes
 
 
-
 @dataclass
 class LogSources:
     """The stage folders whose logs the report reads (None: not available)."""

@@ -5,7 +5,9 @@ local parquet folder (a download counter), and `huggingface_hub` sends usage tel
 a background thread when a trainer starts. Neither is needed to train, both fail (quietly,
 after a timeout) on a machine without network, and a user who asked for no download should
 not see traffic. Importing `stackllama` opts out of both, unless the user set the variables
-themselves. Hub downloads the user asks for (a model or dataset id) are unaffected.
+themselves, and keeps bitsandbytes' import-time kernel lookup off the Hub (`NO_HUB_KERNEL`) in
+the processes it starts (a process that imported bitsandbytes before stackllama has made it).
+Hub downloads the user asks for (a model or dataset id) are unaffected.
 """
 
 from __future__ import annotations
@@ -13,7 +15,12 @@ from __future__ import annotations
 import os
 import sys
 
-OPT_OUTS = {"HF_HUB_DISABLE_TELEMETRY": "1", "HF_UPDATE_DOWNLOAD_COUNTS": "0"}
+# bitsandbytes' CPU backend asks the Hub for a 4-bit kernel at import (through the `kernels`
+# package, when installed: transformers pulls it in), which `kernels` then refuses to load without
+# trust_remote_code, and falls back to its own. Pointing that repository at a path that cannot
+# exist keeps the lookup local (bitsandbytes falls back the same way), with no traffic.
+NO_HUB_KERNEL = "kernels-community/quantization-bitsandbytes=/dev/null/no-hub-kernel"
+OPT_OUTS = {"HF_HUB_DISABLE_TELEMETRY": "1", "HF_UPDATE_DOWNLOAD_COUNTS": "0", "LOCAL_KERNELS": NO_HUB_KERNEL}
 
 
 def disable_telemetry() -> None:

@@ -16,6 +16,9 @@ never a pass/fail test.
 
 from __future__ import annotations
 
+import stackllama  # noqa: F401  first: it holds back library warnings that do not concern the run (library_warnings.py)
+
+# isort: split
 import argparse
 import os
 import resource

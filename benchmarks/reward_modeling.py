@@ -11,6 +11,9 @@ tokens/s for both.
 
 from __future__ import annotations
 
+import stackllama  # noqa: F401  first: it holds back library warnings that do not concern the run (library_warnings.py)
+
+# isort: split
 import argparse
 import logging
 import sys

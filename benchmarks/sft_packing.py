@@ -13,6 +13,9 @@ lost to truncation. The first `--warmup` steps are not timed. Figures, not pass/
 
 from __future__ import annotations
 
+import stackllama  # noqa: F401  first: it holds back library warnings that do not concern the run (library_warnings.py)
+
+# isort: split
 import argparse
 import logging
 import os

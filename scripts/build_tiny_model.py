@@ -9,6 +9,9 @@ trained on the `finetune` pairs of a `prepare_data.py` output. The folder is a n
 builds it by itself (beside its output folder) when no model is given.
 """
 
+import stackllama  # noqa: F401  first: it holds back library warnings that do not concern the run (library_warnings.py)
+
+# isort: split
 from dataclasses import dataclass, field
 
 from stackllama.data.loading import check_data_dir

@@ -19,6 +19,9 @@ complete): report.md, *.png, evaluation_samples.jsonl (every answer and score) a
 evaluation_results.json, the completion marker.
 """
 
+import stackllama  # noqa: F401  first: it holds back library warnings that do not concern the run (library_warnings.py)
+
+# isort: split
 import logging
 import time
 from pathlib import Path

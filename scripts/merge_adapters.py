@@ -23,6 +23,9 @@ python scripts/merge_adapters.py --adapter_model_name runs/tiny/sft-lora --outpu
 ```
 """
 
+import stackllama  # noqa: F401  first: it holds back library warnings that do not concern the run (library_warnings.py)
+
+# isort: split
 from stackllama.merge import MergeArguments, merge_from_args
 from stackllama.stage import run_script
 

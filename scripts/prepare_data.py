@@ -10,6 +10,9 @@ archive; `SITE=PATH` names the site when the path does not. The output folder ho
 with `datasets.load_dataset(output_dir, "pairs", split="finetune")`.
 """
 
+import stackllama  # noqa: F401  first: it holds back library warnings that do not concern the run (library_warnings.py)
+
+# isort: split
 from dataclasses import dataclass, field
 
 from stackllama.data.prepare import (

@@ -22,6 +22,9 @@ starts fresh when there is none). The untrained model's figures are saved with e
 reused on resume.
 """
 
+import stackllama  # noqa: F401  first: it holds back library warnings that do not concern the run (library_warnings.py)
+
+# isort: split
 import logging
 import time
 

@@ -20,6 +20,9 @@ and `ppo_results.json`. After a stop, the same command with `--resume_from_check
 goes on from the newest complete checkpoint and ends as the uninterrupted run would have.
 """
 
+import stackllama  # noqa: F401  first: it holds back library warnings that do not concern the run (library_warnings.py)
+
+# isort: split
 import logging
 import time
 from pathlib import Path

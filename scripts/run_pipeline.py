@@ -12,6 +12,9 @@ the same command again after a failure resumes at the failed stage; `--force` re
 Without --config, configs/pipeline/tiny.yaml is used.
 """
 
+import stackllama  # noqa: F401  first: it holds back library warnings that do not concern the run (library_warnings.py)
+
+# isort: split
 import sys
 
 from stackllama.pipeline import (

@@ -25,6 +25,9 @@ The untrained model's held-out loss is saved with each checkpoint and reused on 
 Every flag can also come from the YAML file given with `--config`; the command line wins.
 """
 
+import stackllama  # noqa: F401  first: it holds back library warnings that do not concern the run (library_warnings.py)
+
+# isort: split
 import logging
 import time
 

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import inspect
+import os
 import re
 import sys
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
+
+# the checkout (the folder holding the package): defaults inside it are shown relative to it
+REPO_ROOTS = tuple(dict.fromkeys((Path(__file__).parents[1], Path(__file__).resolve().parents[1])))
 
 
 def parse_args(dataclass_types: Sequence[type], args: Sequence[str] | None = None, description: str | None = None):
@@ -35,7 +41,46 @@ def parse_args(dataclass_types: Sequence[type], args: Sequence[str] | None = Non
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults shown after each flag's help (as HfArgumentParser does); the script's docstring,
-    with its example commands, printed as written."""
+    with its example commands, printed as written.
+
+    Defaults are shown as a user reads them: a path inside the checkout relative to it (the docs'
+    `data/stackexchange/beer`, not the absolute path of the machine the help was printed on), and
+    no second default after a help text that already says its own (`(default: all cores)`). Only
+    the display changes: the parsed values are the defaults themselves."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if _STATES_DEFAULT.search(help):
+            return help
+        return super()._get_help_string(action)
+
+    def _expand_help(self, action):
+        shown = display_default(action.default)
+        if shown is action.default:
+            return super()._expand_help(action)
+        action = copy.copy(action)
+        action.default = shown
+        return super()._expand_help(action)
+
+
+_STATES_DEFAULT = re.compile(r"\(default|(?:^|[.;]\s*)default:", re.IGNORECASE)  # "(default: all cores)", ". Default: <run>/sft"
+
+
+def display_default(value):
+    """`value` with each path inside the checkout (a str or Path, alone or in a list/tuple) made
+    relative to it; `value` itself when nothing changes."""
+    if isinstance(value, (list, tuple)):
+        shown = [display_default(item) for item in value]
+        changed = any(new is not old for new, old in zip(shown, value))
+        return (list(shown) if isinstance(value, list) else tuple(shown)) if changed else value
+    if not isinstance(value, (str, os.PathLike)) or not os.path.isabs(value):
+        return value
+    for root in REPO_ROOTS:
+        try:
+            return str(Path(value).relative_to(root))
+        except ValueError:
+            continue
+    return value
 
 
 def field_docstrings(cls: type) -> dict[str, str]:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from .errors import InputError, MissingDependencyError, ModelLoadError
+from .library_warnings import explain_cpu_4bit_kernel
 from .processes import kbit_device_map, launched_with
 
 if TYPE_CHECKING:
@@ -198,6 +199,8 @@ def load_model(
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = kbit_device_map()
+        if quant.load_in_4bit and kwargs["device_map"] == {"": "cpu"}:
+            explain_cpu_4bit_kernel()  # the bitsandbytes warning held back at import concerns this run
     if task == "causal_lm":
         model_class = AutoModelForCausalLM
     elif task == "seq_cls":

@@ -17,6 +17,7 @@ from stackllama.cli import parse_args
 from stackllama.evaluation import (
     EvaluateScriptArguments,
     Policy,
+    PolicySpec,
     bootstrap_ci,
     generate_responses,
     kl_per_response,
@@ -193,7 +194,8 @@ def test_adapter_over_the_sft_model_is_loaded_once(tmp_path):
     peft.save_pretrained(ppo_dir)
     tok.save_pretrained(ppo_dir)
 
-    sft, ppo = load_policies(str(sft_dir), str(ppo_dir), dtype="float32", device="cpu")
+    sft, ppo = load_policies([PolicySpec("SFT", str(sft_dir)), PolicySpec("PPO", str(ppo_dir))], dtype="float32",
+                             device="cpu")
     assert sft.adapter_disabled and sft.model is ppo.model and ppo.kind == "LoRA adapter"
     queries = [torch.tensor([5, 6, 7]), torch.tensor([8, 9])]
     responses = [torch.tensor([10, 11]), torch.tensor([12, 13, 14])]

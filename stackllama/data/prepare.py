@@ -91,8 +91,15 @@ def prepare_dataset(dumps: list[str], output_dir: str | os.PathLike, options: Pr
     return summary
 
 
+def _show_bars(progress: bool | None) -> bool | None:
+    """--progress when given; unset, on a terminal only (tqdm's default), or off one too when the pipeline
+    driver reads the bars from the output (it sets STACKLLAMA_PROGRESS_BARS=1: stackllama/pipeline/live.py)."""
+    return True if progress is None and os.environ.get("STACKLLAMA_PROGRESS_BARS") == "1" else progress
+
+
 def _prepare(dumps: list[str], out: Path, scratch: Path, opts: PrepareOptions) -> dict:
     times = StepTimes()
+    progress = _show_bars(opts.progress)
     start = time.perf_counter()
     sources = [resolve_dump(d, scratch) for d in dumps]
     sites = [s.site for s in sources]
@@ -102,7 +109,7 @@ def _prepare(dumps: list[str], out: Path, scratch: Path, opts: PrepareOptions) -
     rows_read = 0
     try:
         for i, source in enumerate(sources):
-            rows_read += load_posts(source, i, store, skipped, dates, opts.progress)
+            rows_read += load_posts(source, i, store, skipped, dates, progress)
             if source.users_path is not None:
                 load_users(source, i, store)
         store.finish_loading()
@@ -120,8 +127,8 @@ def _prepare(dumps: list[str], out: Path, scratch: Path, opts: PrepareOptions) -
         per_subset = {s: {"questions": 0, "pairs": 0} for s in SUBSETS}
         tasks = ((batch, sites, opts) for batch in batched(store.question_groups(), GROUPS_PER_TASK))
         index = 0
-        with tqdm(total=eligible, unit="q", desc="convert + pair", disable=not opts.progress
-                  if opts.progress is not None else None) as bar:
+        with tqdm(total=eligible, unit="q", desc="convert + pair", disable=not progress
+                  if progress is not None else None) as bar:
             for results, t_convert, t_pair, bodies in ordered_map(convert_batch, tasks, opts.num_proc):
                 times.convert += t_convert
                 times.pair += t_pair

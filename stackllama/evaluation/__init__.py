@@ -18,7 +18,7 @@ from .arguments import EvaluateScriptArguments
 from .compare import evaluate_policies
 from .inputs import EvaluationInputs, resolve_inputs
 from .kl import kl_per_response, response_logprobs
-from .policies import Policy, load_policies
+from .policies import Policy, PolicySpec, load_policies
 from .samples import SAMPLES_FILE, read_samples, write_samples
 from .sampling import generate_responses, sample_lengths
 from .statistics import bootstrap_ci, paired_comparison, response_stats
@@ -28,6 +28,7 @@ __all__ = [
     "EvaluateScriptArguments",
     "EvaluationInputs",
     "Policy",
+    "PolicySpec",
     "bootstrap_ci",
     "evaluate_policies",
     "generate_responses",

@@ -16,7 +16,7 @@ from ..modeling import count_parameters
 from ..reward_scoring import RewardFunction, same_tokenizer
 from .inputs import EvaluationInputs
 from .kl import kl_per_response, response_logprobs
-from .policies import load_policies, load_policy_tokenizer, set_torch_threads
+from .policies import PolicySpec, load_policies, load_policy_tokenizer, set_torch_threads
 from .samples import sample_rows
 from .sampling import build_prompts, generate_responses, sample_lengths
 from .scoring import reward_model_accuracy, score_responses
@@ -55,7 +55,8 @@ def evaluate_policies(inputs: EvaluationInputs) -> tuple[dict, list[dict]]:
     query_texts = [prompt_queries[p] for p, _ in items]
     lengths = sample_lengths(len(items), inputs.output_min_length, inputs.output_max_length, inputs.seed)
 
-    sft, ppo = load_policies(inputs.sft_model, inputs.ppo_model, inputs.dtype, trust_remote_code=inputs.trust_remote_code)
+    sft, ppo = load_policies([PolicySpec("SFT", inputs.sft_model), PolicySpec("PPO", inputs.ppo_model)],
+                             inputs.dtype, trust_remote_code=inputs.trust_remote_code)
     device = ppo.device
     parameters = count_parameters(ppo.model)[1]
     set_torch_threads(inputs.num_threads, device, parameters)

@@ -1,5 +1,5 @@
-"""The two policies compared: loaded from full weights or a LoRA adapter (not merged), and a
-PPO adapter over the SFT weights loaded once, the SFT policy being the adapter disabled (as in
+"""The policies compared or asked: loaded from full weights or a LoRA adapter (not merged), adapters
+over the same base sharing one copy of it, the base's own policy being the adapters disabled (as in
 PPO training: no second copy in memory)."""
 
 from __future__ import annotations
@@ -30,20 +30,32 @@ class Policy:
     model: torch.nn.Module
     kind: str
     adapter_disabled: bool = False
+    adapter_name: str | None = None  # which of the adapters loaded into `model` (load_policies)
 
     def active(self):
-        return self.model.disable_adapter() if self.adapter_disabled else contextlib.nullcontext()
+        if self.adapter_disabled:
+            return self.model.disable_adapter()
+        if self.adapter_name is not None and self.model.active_adapter != self.adapter_name:
+            self.model.set_adapter(self.adapter_name)
+        return contextlib.nullcontext()
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
 
-def _same_path(a: str, b: str) -> bool:
-    pa, pb = Path(a), Path(b)
-    if pa.exists() and pb.exists():
-        return pa.resolve() == pb.resolve()
-    return a.rstrip("/") == b.rstrip("/")
+@dataclass(frozen=True)
+class PolicySpec:
+    """A policy to load: its display name and the folder (or Hub id) of its weights or LoRA adapter."""
+
+    name: str
+    path: str
+
+
+def _weights_key(path: str) -> str:
+    """One key per set of weights: a folder's real path, a Hub id as written."""
+    p = Path(path)
+    return str(p.resolve()) if p.exists() else path.rstrip("/")
 
 
 def load_causal_lm(path: str, dtype: str | None = "auto", trust_remote_code: bool = False):
@@ -79,18 +91,45 @@ def load_policy_tokenizer(path: str, trust_remote_code: bool = False):
         return load_tokenizer(adapter_base(path), padding_side="left", trust_remote_code=trust_remote_code)
 
 
-def load_policies(sft_path: str, ppo_path: str, dtype: str | None = "auto", device=None,
-                  trust_remote_code: bool = False) -> tuple[Policy, Policy]:
-    """(SFT policy, PPO policy). A PPO adapter over the SFT weights is loaded once (SFT = adapter disabled)."""
+def load_policies(specs: list[PolicySpec], dtype: str | None = "auto", device=None,
+                  trust_remote_code: bool = False) -> list[Policy]:
+    """One `Policy` per spec, in order, with base weights loaded once: a LoRA adapter whose recorded
+    base is another spec's full weights, or the base of an adapter already loaded, joins that model
+    as a named PEFT adapter, and the full-weight policy becomes that model with its adapters disabled
+    (as in PPO training, where the reference is the policy without its adapter). A 7B SFT model and
+    its PPO adapter cost one 7B model, not two."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ppo_model = load_causal_lm(ppo_path, dtype, trust_remote_code).to(device)
-    ppo = Policy("PPO", ppo_path, ppo_model, model_kind(ppo_path))
-    base = adapter_base(ppo_path) if ppo.kind == "LoRA adapter" else None
-    if base is not None and model_kind(sft_path) == "full weights" and _same_path(base, sft_path):
-        logger.info("the PPO adapter's base is the SFT model: one copy, SFT = adapter disabled")
-        return Policy("SFT", sft_path, ppo_model, "full weights", adapter_disabled=True), ppo
-    sft_model = load_causal_lm(sft_path, dtype, trust_remote_code).to(device)
-    return Policy("SFT", sft_path, sft_model, model_kind(sft_path)), ppo
+    models: dict[str, torch.nn.Module] = {}  # base weights -> the model holding them (a PeftModel once adapted)
+    policies: list[Policy | None] = [None] * len(specs)
+    for index in sorted(range(len(specs)), key=lambda i: is_adapter(specs[i].path)):  # the bases first
+        spec = specs[index]
+        kind = model_kind(spec.path)
+        if kind != "LoRA adapter":
+            model = models[_weights_key(spec.path)] = load_causal_lm(spec.path, dtype, trust_remote_code).to(device)
+            policies[index] = Policy(spec.name, spec.path, model, kind)
+            continue
+        from peft import PeftModel  # deferred: peft is slow to import, only adapters need it
+
+        base_key = _weights_key(adapter_base(spec.path))
+        shared = models.get(base_key)
+        adapter = "default" if shared is None else spec.name.lower()
+        if shared is None:
+            model = load_causal_lm(spec.path, dtype, trust_remote_code).to(device)  # base + this adapter
+        elif isinstance(shared, PeftModel):
+            shared.load_adapter(spec.path, adapter_name=adapter)
+            model = shared
+        else:
+            model = PeftModel.from_pretrained(shared, spec.path, adapter_name=adapter)
+            model.eval()
+            for policy in policies:  # the full-weight policy is now this model with its adapters disabled
+                if policy is not None and policy.model is shared:
+                    policy.model, policy.adapter_disabled = model, True
+        model.requires_grad_(False)
+        models[base_key] = model
+        logger.info("%s: LoRA adapter %s%s", spec.name, spec.path, "" if shared is None else
+                    f" over {adapter_base(spec.path)}, already loaded (one copy of the base)")
+        policies[index] = Policy(spec.name, spec.path, model, kind, adapter_name=adapter)
+    return policies
 
 
 def set_torch_threads(num_threads: int | None, device: torch.device, parameters: int) -> None:

@@ -21,6 +21,7 @@ A merge stage runs only when the stage before it saved a LoRA adapter; with full
 - `plan`: a stage's command line and fingerprint (`Step`, `plan_step`);
 - `reuse`: the driver's records and whether a stage's output can be reused;
 - `logged_run`: a stage's subprocess and its log; `progress`: the headline of each stage;
+- `live`: the running stage's progress line, read from the tqdm bars in its output;
 - `runner`: the loop over the stages (`run_pipeline`) and `pipeline_results.json`.
 """
 

@@ -51,6 +51,11 @@ class PipelineArguments:
         "help": "Print the command of every stage (with its launcher) and whether it would run, without running."})
     verbose: bool = field(default=False, metadata={
         "help": "Stream each stage's output to the console as well as to logs/<stage>.log."})
+    progress_interval: float = field(default=30.0, metadata={
+        "help": "Seconds between the progress lines printed while a stage runs when the output is not a terminal "
+                "(a file, CI): the stage's step k of n, rate and time left, read from its own progress bar. "
+                "0: none. On a terminal the same figures are one line rewritten in place; with --verbose, the "
+                "stage's raw output is shown instead."})
 
 
 def resolve_path(path: str) -> str:

@@ -1,4 +1,5 @@
-"""A stage's subprocess: its output goes to the stage's log (and, with --verbose, the console)."""
+"""A stage's subprocess: its output goes to the stage's log (and, with --verbose, the console),
+and its progress bars to the console's live line (:mod:`.live`)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .live import BARS_ENV, LiveProgress
 
-def run_command(command: list[str], log: Path, verbose: bool) -> int:
-    """Run `command` with its output in `log` (and on the console with `verbose`); return its exit code."""
+
+def run_command(command: list[str], log: Path, verbose: bool, progress: LiveProgress | None = None) -> int:
+    """Run `command` with its output in `log` (and on the console with `verbose`); return its exit code.
+
+    Every byte the command writes goes to the log unchanged; `progress` sees the same chunks and
+    its live line is cleared when the command ends, however it ends."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{BARS_ENV: "1"})
     with open(log, "wb") as sink:
         sink.write(("$ " + shlex.join(command) + "\n").encode())
         sink.flush()
@@ -24,11 +30,16 @@ def run_command(command: list[str], log: Path, verbose: bool) -> int:
                 if verbose:
                     sys.stdout.buffer.write(chunk)
                     sys.stdout.flush()
+                if progress is not None:
+                    progress.feed(chunk)
             return proc.wait()
         except KeyboardInterrupt:
             proc.terminate()
             proc.wait()
             raise
+        finally:
+            if progress is not None:
+                progress.close()
 
 
 def tail(log: Path, lines: int = 25) -> str:

@@ -5,12 +5,14 @@ a failure stops the run with the log's last lines, and the run's record goes to
 from __future__ import annotations
 
 import shlex
+import sys
 import time
 from pathlib import Path
 
 from .. import stage
 from ..run_layout import LOGS, PIPELINE_RESULTS, REPORT, REPORT_FILE
 from .arguments import PipelineArguments
+from .live import LiveProgress
 from .logged_run import run_command, tail
 from .plan import plan_step
 from .progress import summary_line
@@ -26,8 +28,12 @@ def selected(args: PipelineArguments) -> list[str]:
     return names
 
 
-def run_pipeline(args: PipelineArguments, settings: dict[str, dict], out=print) -> int:
-    """Run (or, with --dry_run, print) the stages in order; return the exit code for the shell."""
+def run_pipeline(args: PipelineArguments, settings: dict[str, dict], out=print, console=None, is_tty=None) -> int:
+    """Run (or, with --dry_run, print) the stages in order; return the exit code for the shell.
+
+    Lines go through `out`; the running stage's live progress line goes to `console` (default
+    sys.stdout) when it is a terminal (`is_tty`, default: ask it), else through `out` every
+    --progress_interval seconds."""
     run = Path(args.output_dir)
     names = selected(args)
     width = max(len(n) for n in names)
@@ -66,7 +72,10 @@ def run_pipeline(args: PipelineArguments, settings: dict[str, dict], out=print) 
         out(f"{head}  running {step.spec.title} ({how}; log: {log})")
         t0 = time.time()
         try:
-            code = run_command(step.command(args), log, args.verbose)
+            progress = None if args.verbose else LiveProgress(
+                name, out=out, stream=console if console is not None else sys.stdout, is_tty=is_tty,
+                interval=args.progress_interval)
+            code = run_command(step.command(args), log, args.verbose, progress)
         except KeyboardInterrupt:
             out(f"{head}  interrupted; run the same command again to resume at {name}")
             return 130

@@ -17,16 +17,13 @@ adapter over another policy's weights shares them in memory) and Hub ids.
 import stackllama  # noqa: F401  first: quiets library warnings that do not concern this run (library_warnings)
 
 # isort: split
-from stackllama.chat import ChatArguments, ChatSession, answer_all, questions
+from stackllama.chat import ChatArguments, ChatSession, chat
 from stackllama.stage import run_script
 
 
 def main(args: ChatArguments) -> int:
-    settings = args.sampling()
     session = ChatSession.load(args)
-    for question in questions(args.question):
-        answer_all(session, question, settings)
-    return 0
+    return chat(session, args.question, args.sampling())
 
 
 if __name__ == "__main__":

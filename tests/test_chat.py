@@ -219,3 +219,25 @@ def test_chat_script_errors_are_one_line(run, tmp_path):
     proc = chat("--run_dir", str(tmp_path / "missing"), "--question", "q", cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("chat.py: error: run folder ")
+
+
+def test_chat_loop_answers_each_question_and_ends_quietly_on_ctrl_c(monkeypatch):
+    import io
+
+    from stackllama.chat import terminal
+
+    asked = []
+
+    def answer_all(session, question, settings, out):
+        asked.append(question)
+        out.write(f"answer to {question}")
+        if question == "stop here":
+            raise KeyboardInterrupt  # Ctrl-C mid-answer
+
+    monkeypatch.setattr(terminal, "answer_all", answer_all)
+    out = io.StringIO()
+    assert terminal.chat(None, None, SamplingSettings(), stdin=io.StringIO("q1\nq2\n"), out=out) == 0
+    assert asked == ["q1", "q2"]
+    out = io.StringIO()
+    assert terminal.chat(None, None, SamplingSettings(), stdin=io.StringIO("q1\nstop here\nq3\n"), out=out) == 130
+    assert asked[2:] == ["q1", "stop here"] and out.getvalue().endswith("answer to stop here\n")

@@ -11,9 +11,9 @@ from .answer import Answer, AnswerStream, SamplingSettings, answer_question
 from .arguments import ChatArguments, DemoArguments
 from .policies import find_policies, select_policies
 from .session import ChatSession
-from .terminal import answer_all, comparison_table, questions
+from .terminal import answer_all, chat, comparison_table, questions
 
 __all__ = [
     "Answer", "AnswerStream", "ChatArguments", "ChatSession", "DemoArguments", "SamplingSettings",
-    "answer_all", "answer_question", "comparison_table", "find_policies", "questions", "select_policies",
+    "answer_all", "answer_question", "chat", "comparison_table", "find_policies", "questions", "select_policies",
 ]

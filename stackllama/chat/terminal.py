@@ -49,6 +49,20 @@ def answer_all(session: ChatSession, question: str, settings: SamplingSettings, 
     return answers
 
 
+def chat(session: ChatSession, question: str | None, settings: SamplingSettings, stdin: TextIO = sys.stdin,
+         out: TextIO = sys.stdout) -> int:
+    """Answer `question`, or every question typed or piped in; the exit status. Ctrl-C ends the chat
+    quietly (status 130, as a shell reports an interrupt), mid-answer too."""
+    try:
+        for asked in questions(question, stdin, out):
+            answer_all(session, asked, settings, out)
+    except KeyboardInterrupt:
+        out.write("\n")
+        out.flush()
+        return 130
+    return 0
+
+
 def comparison_table(answers: Iterable[Answer]) -> str:
     """Policy, reward score, tokens, and whether the answer ended with EOS, one row per policy."""
     rows = [("policy", "reward", "tokens", "ended with EOS")]

@@ -1,5 +1,6 @@
 """Evaluation, the last stage of the StackLLaMA recipe: does the PPO policy answer held-out
-questions better than the SFT policy it started from, by the reward model's judgement?
+questions better than the SFT policy it started from, by the reward model's judgement? And, when the
+run trained them, do DPO, RLOO or GRPO (`--compare_with`), on the same questions?
 
 Both policies answer the same `evaluation` questions (same length limits, same seeds); the
 report gives each policy's mean reward-model score, the paired difference and the PPO win rate
@@ -88,11 +89,14 @@ def main(args: EvaluateScriptArguments) -> dict:
         summary = build_report(tmp, results, samples, log_sources(args, results), run=results["run_dir"],
                                num_examples=args.num_examples, seed=args.seed)
         results.update({"verdict": summary["verdict"], "verdict_headline": headline(results),
+                        "comparison_headline": summary["comparison_headline"],  # None: SFT and PPO only
                         "missing_logs": summary["missing"],
                         "wall_time_s": round(time.time() - start, 1)})
         write_results(tmp, EVALUATION_RESULTS, results)  # last: the completion marker
     logger.info("mean score SFT %.3f, PPO %.3f. %s", results["sft"]["mean_score"], results["ppo"]["mean_score"],
                 results["verdict_headline"])
+    if results["comparison_headline"]:
+        logger.info("%s", results["comparison_headline"])
     logger.info("report in %s (%.0f s)", output_dir / REPORT_FILE, results["wall_time_s"])
     return results
 

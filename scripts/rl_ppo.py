@@ -142,7 +142,7 @@ def main(script_args: RLScriptArguments, config: PPOConfig, model_args: ModelCon
         step += 1
         history.append({"reward": logs["env/reward_mean"], "kl": logs["objective/kl"], "seconds": logs["time/step"],
                         "generation": logs["time/generation"], "scoring": logs["time/reward"],
-                        "ppo_step": logs["time/ppo/total"]})
+                        "ppo_step": logs["time/ppo/total"], "tokens": sum(len(r) for r in response_tensors)})
         progress.update(1)
         progress.set_postfix(reward=f"{logs['env/reward_mean']:.3f}", kl=f"{logs['objective/kl']:.3f}")
         if script_args.save_freq and step % script_args.save_freq == 0:
@@ -164,6 +164,9 @@ def main(script_args: RLScriptArguments, config: PPOConfig, model_args: ModelCon
         "seconds_per_step_split": {k: round(mean(h[k] for h in history[1:] or history), 3)
                                    for k in ("generation", "scoring", "ppo_step")},
         "averaged_over_steps": window,
+        # response tokens sampled over the run and every process (the evaluation's cost column)
+        "tokens_generated": int(ppo_trainer.backend.sum(torch.tensor(float(sum(h.get("tokens", 0) for h in history)),
+                                                                     device=ppo_trainer.accelerator.device)).item()),
         "log": config.log_jsonl,
         "wall_time_s": round(time.time() - start, 1),
     })

@@ -176,3 +176,40 @@ def write_merge_card(folder: str | os.PathLike, output_dir: str, results: dict) 
         pipeline_tag="text-classification" if task == "seq_cls" else "text-generation",
     )
     return write_card(folder, metadata, body)
+
+
+def write_dpo_card(output_dir: str, base_model: str, data: str, results: dict) -> Path:
+    """The DPO model's README.md: what it is, its implicit-reward accuracy before and after, how to load it."""
+    rows = []
+    for name, m in (("SFT model (the reference: every reward 0)", results.get("eval_before")),
+                    ("after DPO", results.get("eval_after"))):
+        if m:
+            rows.append(f"| {name} | {m['accuracy']:.3f} | {m['mean_margin']:.4f} | {m['likelihood_accuracy']:.3f} |")
+    baseline = (results.get("eval_after") or results.get("eval_before") or {}).get("longer_answer_baseline")
+    lora, r = results.get("use_peft"), results
+    load = load_code("AutoPeftModelForCausalLM", "peft", output_dir) if lora else \
+        load_code("AutoModelForCausalLM", "transformers", output_dir)
+    body = f"""
+# {Path(output_dir).name}: StackLLaMA policy trained with DPO
+
+`{base_model}` trained with Direct Preference Optimization (TRL's `DPOTrainer`, beta {r.get("beta")},
+loss {", ".join(r.get("loss_type") or [])}, {"LoRA adapter" if lora else "full training"}) on `{data}`
+`{r.get("train_subset")}` pairs: prompt `Question: <q>\\n\\nAnswer: `, chosen `response_j`, rejected `response_k`.
+
+- training pairs: {r.get("train_pairs")} ({r.get("train_pairs_dropped", 0)} dropped as too long), {r.get("global_step")} steps
+- evaluation pairs (`{r.get("eval_subset")}`): {r.get("eval_pairs")} ({r.get("eval_pairs_dropped", 0)} dropped)
+
+Implicit reward `beta * (log pi(y|x) - log pi_ref(y|x))`, the reference being the SFT model:
+
+| model | accuracy (chosen above rejected) | mean margin | policy likelihood prefers chosen |
+|---|---|---|---|
+{chr(10).join(rows)}
+
+A model that only prefers the longer answer would reach {"n/a" if baseline is None else f"{baseline:.3f}"} here.
+
+{python_block(load)}"""
+    metadata = dict(library_name="peft" if lora else "transformers", base_model=hub_name(base_model),
+                    datasets=[data] if hub_name(data) else None,
+                    tags=["stackllama", "dpo", "trl", "stack-exchange"] + (["lora"] if lora else []),
+                    pipeline_tag="text-generation")
+    return write_card(output_dir, metadata, body)

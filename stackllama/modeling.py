@@ -214,7 +214,7 @@ def load_model(
         raise load_error(name, error) from error
 
     if quant is not None:
-        guard_cpu_4bit_packing(model)
+        guard_cpu_4bit_packing(model, trainable=True)  # a training stage's model: gradients must pass
     if tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
         if getattr(model, "generation_config", None) is not None:
@@ -232,16 +232,20 @@ def load_model(
     return model
 
 
-def guard_cpu_4bit_packing(model) -> int:
-    """Keeps bitsandbytes' generic 4-bit kernel for layers its AVX512-BF16 CPU kernel cannot take.
+def guard_cpu_4bit_packing(model, trainable: bool = False) -> int:
+    """Keeps bitsandbytes' generic 4-bit CPU kernel where its packed AVX512-BF16 kernel would fail.
 
     On a CPU with AVX512-BF16, bitsandbytes (0.48+) repacks a 4-bit weight for its fast kernel
-    at the first eval-mode, no-grad call (an evaluation, a PPO rollout, a merge check) and
-    needs the layer's output size to be a multiple of 32 and its input size a multiple of the
-    quantization block (64). The tiny default model's MLP (688 wide) is neither, so
-    `--load_in_4bit` stopped there ("N must be divisible by block_n", then a reshape error).
-    Those layers are marked unsupported (the flag bitsandbytes itself sets from the CPU), so
-    they keep the kernel used in training. Returns how many layers were marked.
+    at the first eval-mode, no-grad call (an evaluation, a PPO rollout, a merge check). Two
+    things go wrong there, and the affected layers are marked unsupported (the flag bitsandbytes
+    itself sets from the CPU) so that they keep the generic kernel:
+    - the packed kernel needs the layer's output size to be a multiple of 32 and its input size a
+      multiple of the quantization block (64); the tiny default model's MLP (688 wide) is neither,
+      so `--load_in_4bit` stopped there ("N must be divisible by block_n", then a reshape error);
+    - a repacked layer passes no gradient to its input, so in a model that trains (`trainable`:
+      every training stage loads through :func:`load_model`) an evaluation before training or a
+      rollout froze every LoRA layer in front of it (grad norm 0). There every 4-bit layer is marked.
+    Returns how many layers were marked.
     """
     marked = 0
     for module in model.modules():
@@ -249,7 +253,7 @@ def guard_cpu_4bit_packing(model) -> int:
             continue
         quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
         block = getattr(quant_state, "blocksize", None) or 64
-        if module.out_features % 32 or module.in_features % block:
+        if trainable or module.out_features % 32 or module.in_features % block:
             module.support_avx512bf16_for_cpu = False
             marked += 1
     return marked

@@ -12,6 +12,7 @@ A run is one folder (``runs/<run>/``) holding one sub-folder per stage; a stage'
       reward-merged/ merge
       ppo/           PPO            policy + value head, ppo_log.jsonl, ppo_results.json
       ppo-merged/    merge
+      dpo/ rloo/ grpo/  DPO, RLOO, GRPO  optional policies trained from SFT, compared with PPO
       report/        evaluation     report.md, plots, evaluation_results.json
       logs/          pipeline       one log per stage; pipeline_results.json in the run folder
 
@@ -29,6 +30,7 @@ from .errors import InputError, MissingInputError
 
 DATA, BASE, SFT, SFT_MERGED, REWARD, PPO, REPORT, LOGS = (
     "data", "base", "sft", "sft-merged", "reward", "ppo", "report", "logs")
+DPO, RLOO, GRPO = "dpo", "rloo", "grpo"  # the optional stages compared with PPO (pipeline `algorithms:`)
 
 # Each stage's results file, written last: its presence marks a completed stage
 SFT_RESULTS = "sft_results.json"
@@ -42,7 +44,11 @@ REPORT_FILE = "report.md"
 PIPELINE_RESULTS = "pipeline_results.json"
 DATA_SUMMARY = "summary.json"
 TINY_MODEL_RESULTS = "tiny_model_build.json"
-STAGE_RESULTS = {SFT_RESULTS: "sft", REWARD_RESULTS: "reward", PPO_RESULTS: "ppo"}
+DPO_RESULTS = "dpo_results.json"
+RLOO_RESULTS = "rloo_results.json"
+GRPO_RESULTS = "grpo_results.json"
+STAGE_RESULTS = {SFT_RESULTS: "sft", REWARD_RESULTS: "reward", PPO_RESULTS: "ppo", DPO_RESULTS: "dpo",
+                 RLOO_RESULTS: "rloo", GRPO_RESULTS: "grpo"}
 
 
 def run_dir(output_dir: str | os.PathLike) -> Path:

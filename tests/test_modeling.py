@@ -86,25 +86,56 @@ def test_kbit_model_is_quantized_and_frozen(base, bits):
     assert type(layer).__name__ == ("Linear8bitLt" if bits == 8 else "Linear4bit")
 
 
-def test_4bit_layers_the_cpu_kernel_cannot_pack_still_run_in_eval(tmp_path):
-    """The tiny default model's MLP is 688 wide: bitsandbytes' AVX512-BF16 CPU kernel repacks
-    4-bit weights at the first eval-mode no-grad call and asserts on that shape. Loaded through
-    `load_model`, such layers are marked to keep the generic kernel, and evaluation runs."""
+def _tiny_4bit_source(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = dict(SMALL_CONFIG, intermediate_size=688)  # the tiny default's width (configs/tiny_model)
     config.pop("architectures")
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(tmp_path / "m")
-    model = load_model(ModelConfig(model_name_or_path=str(tmp_path / "m"), use_peft=True, load_in_4bit=True)).eval()
-    mlp = model.model.layers[0].mlp
-    if model.model.layers[0].self_attn.q_proj.support_avx512bf16_for_cpu:  # this CPU has the packed kernel,
-        # and the 64x64 attention layers keep it: only the MLP layers are marked
+    return str(tmp_path / "m")
+
+
+def test_4bit_layers_the_cpu_kernel_cannot_pack_still_run_in_eval(tmp_path):
+    """The tiny default model's MLP is 688 wide: bitsandbytes' AVX512-BF16 CPU kernel repacks
+    4-bit weights at the first eval-mode no-grad call and asserts on that shape. Loaded for
+    inference (the merge check, a value-head model), only such layers keep the generic kernel."""
+    from transformers import AutoModelForCausalLM
+
+    from stackllama.modeling import guard_cpu_4bit_packing
+
+    model = AutoModelForCausalLM.from_pretrained(_tiny_4bit_source(tmp_path), device_map={"": "cpu"},
+                                                 quantization_config=quantization_config(
+                                                     ModelConfig(load_in_4bit=True))).eval()
+    mlp, attention = model.model.layers[0].mlp, model.model.layers[0].self_attn
+    if attention.q_proj.support_avx512bf16_for_cpu:  # this CPU has the packed kernel
+        assert guard_cpu_4bit_packing(model) == 3 * len(model.model.layers)
         assert not mlp.gate_proj.support_avx512bf16_for_cpu and not mlp.up_proj.support_avx512bf16_for_cpu
         assert not mlp.down_proj.support_avx512bf16_for_cpu  # in_features 688: not a multiple of the block
+        assert attention.q_proj.support_avx512bf16_for_cpu  # the 64x64 attention layers keep it
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[1, 5, 7, 9]])).logits
     assert logits.shape == (1, 4, SMALL_CONFIG["vocab_size"]) and torch.isfinite(logits).all()
+
+
+def test_a_4bit_base_loaded_for_training_trains_after_an_eval_call(tmp_path):
+    """A repacked 4-bit layer passes no gradient to its input: a LoRA layer in front of one stopped
+    training after the first evaluation or rollout (the DPO stage's evaluation before training left its
+    adapter at 0; so did the reward stage's). `load_model` loads for training: no layer is repacked."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model(ModelConfig(model_name_or_path=_tiny_4bit_source(tmp_path), use_peft=True, load_in_4bit=True))
+    assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in model.modules())
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            task_type="CAUSAL_LM"))
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13]])
+    peft.eval()
+    with torch.no_grad():
+        peft(input_ids=ids)  # the evaluation before training (where bitsandbytes would repack)
+    peft.train()
+    peft(input_ids=ids, labels=ids).loss.backward()
+    grads = {name: p.grad for name, p in peft.named_parameters() if "lora_B" in name}
+    assert grads and all(g is not None and g.abs().max() > 0 for g in grads.values())
 
 
 def test_place_for_evaluation_moves_only_what_the_trainer_would(monkeypatch):

@@ -241,3 +241,33 @@ def test_script_rejects_unknown_top_level_key(tmp_path):
     assert proc.returncode == 2
     assert "launchr" in proc.stderr.strip().splitlines()[-1]
     assert "Traceback" not in proc.stderr
+
+
+def test_other_algorithms_are_opt_in_and_compared(tmp_path):
+    """Default: PPO only (make demo as fast as before), the evaluation told to compare nothing else;
+    compare.yaml: DPO, RLOO and GRPO from the same SFT (and reward) model, all four compared."""
+    def dry_run(config):
+        return subprocess.run([sys.executable, "scripts/run_pipeline.py", "--config", config, "--dry_run",
+                               "--output_dir", str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout
+
+    out = dry_run("configs/pipeline/tiny.yaml")
+    for name in ("dpo", "rloo", "grpo"):
+        assert f"] {name:<12}  skipped: not in algorithms (ppo)" in out
+    assert out.rstrip().endswith("--compare_with none")
+    out = dry_run("configs/pipeline/compare.yaml")
+    run = tmp_path / "run"
+    assert f"scripts/dpo.py --config configs/dpo/tiny.yaml --data_dir {run}/data --output_dir {run}/dpo " \
+           f"--model_name_or_path {run}/sft" in out
+    for name in ("rloo", "grpo"):
+        assert (f"scripts/{name}.py --config configs/{name}/tiny.yaml --data_dir {run}/data --output_dir {run}/{name} "
+                f"--model_name_or_path {run}/sft --reward_model_name {run}/reward") in out
+    assert out.rstrip().endswith("--compare_with dpo rloo grpo")
+    assert "skipped: not in algorithms" not in out
+
+
+@pytest.mark.parametrize("algorithms, message", [
+    (["ppo", "sac"], "'sac' is not one"), (["dpo"], "must include ppo")])
+def test_algorithm_errors(algorithms, message):
+    with pytest.raises(PipelineError, match=message):
+        check_config(PipelineArguments(algorithms=algorithms))

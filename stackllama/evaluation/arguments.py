@@ -20,6 +20,10 @@ class EvaluateScriptArguments:
         "help": "SFT policy (full weights or LoRA adapter). Default: <run>/sft-merged, else <run>/sft."})
     ppo_model: str | None = field(default=None, metadata={
         "help": "PPO policy (full weights or LoRA adapter; the value head is ignored). Default: <run>/ppo."})
+    compare_with: list[str] | None = field(default=None, metadata={
+        "help": "Other policies compared with SFT beside PPO, on the same prompts: stage names of the run (dpo, "
+                "rloo, grpo) or NAME=PATH (full weights or LoRA adapter); `none` for SFT and PPO only. Default: "
+                "each of <run>/dpo, <run>/rloo, <run>/grpo that holds a model."})
     reward_model_name: str | None = field(default=None, metadata={
         "help": "Reward model (full weights or LoRA). Default: <run>/reward."})
     sft_log_dir: str | None = field(default=None, metadata={

@@ -13,6 +13,7 @@ from ..errors import InputError
 from ..ppo.recipe import RLScriptArguments
 from ..report.logs import read_json
 from .arguments import EvaluateScriptArguments
+from .policies import PolicySpec
 
 # The recipe's prompt and response lengths: the PPO stage's defaults (LengthSampler(32, 128), prompts <= 512)
 RECIPE_LENGTHS = ("max_prompt_length", "output_min_length", "output_max_length")
@@ -44,6 +45,7 @@ class EvaluationInputs:
     progress: bool = True
     num_threads: int | None = None
     settings_from: dict = field(default_factory=dict)  # where max_prompt_length / output lengths came from
+    extra_policies: list[PolicySpec] = field(default_factory=list)  # compared with SFT beside PPO (DPO, RLOO, GRPO)
 
 
 def ppo_run_settings(ppo_dir: str | None) -> dict:
@@ -77,6 +79,33 @@ def _lengths(args: EvaluateScriptArguments, ppo_settings: dict) -> tuple[dict, d
     return chosen, settings_from
 
 
+# The stages whose policies are compared with SFT beside PPO when the run holds them, in this order
+OTHER_STAGES = (run_layout.DPO, run_layout.RLOO, run_layout.GRPO)
+
+
+def extra_policies(compare_with: list[str] | None, output_dir: str) -> list[PolicySpec]:
+    """`--compare_with` as policies to load: stage names of the run, NAME=PATH, or `none`; by default each
+    of the run's DPO, RLOO and GRPO folders that holds a model."""
+    run = run_layout.run_dir(output_dir)
+    if compare_with is None:
+        return [PolicySpec(stage.upper(), str(run / stage)) for stage in OTHER_STAGES
+                if run_layout.holds_model(run / stage)]
+    if [item.lower() for item in compare_with] == ["none"]:
+        return []
+    specs = []
+    for item in compare_with:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = item.upper(), str(run / item.lower())
+            if not run_layout.holds_model(path):
+                raise InputError(f"--compare_with {item}: no model in {path} (run that stage first, or pass NAME=PATH)")
+        if not name or name.upper() in {"SFT", "PPO", *(s.name for s in specs)}:
+            raise InputError(f"--compare_with {item}: every policy needs its own name (SFT and PPO are taken)")
+        run_layout.check_model_dir(path, f"{name} policy", "--compare_with")
+        specs.append(PolicySpec(name.upper(), path))
+    return specs
+
+
 def resolve_inputs(args: EvaluateScriptArguments) -> EvaluationInputs:
     """The evaluation's paths and settings from the flags, the run folder and the PPO run."""
     _check_flags(args)
@@ -97,4 +126,5 @@ def resolve_inputs(args: EvaluateScriptArguments) -> EvaluationInputs:
         temperature=args.temperature, batch_size=args.batch_size,
         reward_batch_size=args.reward_batch_size, max_length=args.max_length, max_eval_pairs=args.max_eval_pairs,
         bootstrap_resamples=args.bootstrap_resamples, seed=args.seed, dtype=args.dtype,
-        trust_remote_code=args.trust_remote_code, num_threads=args.num_threads, settings_from=settings_from)
+        trust_remote_code=args.trust_remote_code, num_threads=args.num_threads, settings_from=settings_from,
+        extra_policies=extra_policies(args.compare_with, args.output_dir))

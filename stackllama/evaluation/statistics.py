@@ -101,3 +101,50 @@ def policy_summary(scores, stats: dict) -> dict:
         "eos_share": _mean(float(e) for e in stats["ended"]),
         "degenerate_share": _mean(float(d) for d in stats["degenerate"]),
     }
+
+
+LENGTH_CONTROL = {
+    "method": "paired regression",
+    "description": ("the intercept of the regression, over every pair of answers to the same prompt and sample, of "
+                    "the score difference (policy − SFT) on the length difference (tokens): the difference the "
+                    "reward model gives at equal answer length, with the slope (score per extra token) removed"),
+}
+
+
+def _fit_intercept(d: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares `d ≈ a + b x` for each row of (resamples, pairs) arrays; `b = 0` where `x` does not vary."""
+    x_mean, d_mean = x.mean(-1, keepdims=True), d.mean(-1, keepdims=True)
+    dx = x - x_mean
+    var = (dx * dx).sum(-1)
+    slope = np.divide((dx * (d - d_mean)).sum(-1), var, out=np.zeros_like(var), where=var > 1e-12)
+    return d_mean[..., 0] - slope * x_mean[..., 0], slope
+
+
+def length_controlled_difference(sft_scores, scores, sft_lengths, lengths, n_resamples: int = 2000, seed: int = 0,
+                                 level: float = 0.95) -> dict:
+    """The score difference against SFT at equal answer length, with a bootstrap interval over prompts.
+
+    A reward model that prefers long answers rewards a policy for writing longer, whatever it writes.
+    Each pair (same prompt, same sample: same length limit, same seed) gives a score difference
+    `d = s_policy − s_SFT` and a length difference `x = len_policy − len_SFT`; the least-squares fit
+    `d ≈ a + b·x` over all pairs gives `a`, the difference at equal length, and `b`, the score per
+    extra token (the reward model's length preference, estimated within prompts). Unlike a win rate
+    over length-matched pairs, no pair is discarded when one policy is systematically longer, which
+    is the case this is for; like any regression, `a` assumes the length effect is linear. Arrays
+    are (prompts, samples); the prompts are resampled together, as in :func:`paired_comparison`.
+    """
+    arrays = [_as_prompt_matrix(a) for a in (sft_scores, scores, sft_lengths, lengths)]
+    if len({a.shape for a in arrays}) != 1:
+        raise InputError(f"paired scores and lengths need the same shape, got {[a.shape for a in arrays]}")
+    s0, s1, l0, l1 = arrays
+    if s0.shape[0] == 0:
+        raise InputError("no prompts to compare")
+    d, x = s1 - s0, l1 - l0
+    n, k = d.shape
+    intercept, slope = _fit_intercept(d.reshape(1, -1), x.reshape(1, -1))
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+    boot, _ = _fit_intercept(d[idx].reshape(n_resamples, n * k), x[idx].reshape(n_resamples, n * k))
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(boot, [tail, 100 - tail])
+    return {"difference": float(intercept[0]), "difference_ci": [float(low), float(high)],
+            "length_slope": float(slope[0]), "pairs": int(d.size)}

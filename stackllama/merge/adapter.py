@@ -73,8 +73,26 @@ def score_head_labels(adapter_dir: Path) -> int | None:
 
 
 def adapter_stage(adapter_dir: Path, task: str, has_head: bool) -> str:
-    """The stage that produced the adapter: its results file, else what its contents say."""
+    """The stage that produced the adapter: its results file, else the stage its model card names (a stage's
+    own `--merge` runs before its results file is written), else what its contents say. Nothing else
+    depends on the name: a DPO (RLOO, GRPO) adapter is a causal-LM adapter and merges as an SFT one does."""
     for filename, stage in run_layout.STAGE_RESULTS.items():
         if (adapter_dir / filename).is_file():
             return stage
-    return "ppo" if has_head else "reward" if task == "seq_cls" else "sft"
+    return card_stage(adapter_dir) or ("ppo" if has_head else "reward" if task == "seq_cls" else "sft")
+
+
+def card_stage(adapter_dir: Path) -> str | None:
+    """The policy stage (dpo, rloo, grpo) named by a tag in the front matter of the adapter's README.md."""
+    card = adapter_dir / "README.md"
+    text = card.read_text(errors="replace") if card.is_file() else ""
+    if not text.startswith("---"):
+        return None
+    import yaml  # deferred: only a card needs it
+
+    try:
+        metadata = yaml.safe_load(text.split("---", 2)[1])
+    except yaml.YAMLError:
+        return None
+    tags = metadata.get("tags") if isinstance(metadata, dict) else None
+    return next((stage for stage in (run_layout.DPO, run_layout.RLOO, run_layout.GRPO) if stage in (tags or [])), None)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import PipelineError
-from .stages import REPO_ROOT, STAGE_NAMES
+from .stages import ALGORITHMS, REPO_ROOT, STAGE_NAMES
 
 LAUNCHERS = ("python", "accelerate", "torchrun")
 STAGE_KEYS = {"config", "args", "launcher", "skip"}
@@ -40,6 +40,10 @@ class PipelineArguments:
     num_processes: int | None = field(default=None, metadata={
         "help": "Processes per machine for the training stages (torchrun needs it; overrides the accelerate "
                 "config's)."})
+    algorithms: list[str] = field(default_factory=lambda: ["ppo"], metadata={
+        "help": "Which policy-optimisation stages train from the SFT model: ppo (the recipe's, always), plus any of "
+                "dpo, rloo, grpo. The evaluation compares every one of them with SFT in one table "
+                "(configs/pipeline/compare.yaml runs all four)."})
     stages: dict | None = field(default=None, metadata={
         "help": "Per-stage settings (YAML only): {stage: {config: file.yaml, args: {flag: value}, launcher: ..., "
                 "skip: bool}}."})
@@ -83,6 +87,10 @@ def check_config(args: PipelineArguments, source: str = "the pipeline config") -
         args.accelerate_config = resolve_path(args.accelerate_config)
     if args.launcher == "accelerate" and args.accelerate_config and not Path(args.accelerate_config).is_file():
         raise PipelineError(f"accelerate_config {args.accelerate_config} not found")
+    unknown = [a for a in args.algorithms if a not in ALGORITHMS]
+    if unknown or "ppo" not in args.algorithms:
+        raise PipelineError(f"algorithms {args.algorithms} must include ppo (the evaluation compares against it) and "
+                            f"name only {', '.join(ALGORITHMS)}" + (f": {unknown[0]!r} is not one" if unknown else ""))
     for flag in ("from_stage", "until_stage"):
         value = getattr(args, flag)
         if value is not None and value not in STAGE_NAMES:

@@ -15,7 +15,7 @@ import yaml
 
 from ..run_layout import BASE, DATA, PPO, REWARD, SFT, is_adapter, is_full_model, merged
 from .arguments import PipelineArguments
-from .stages import REPO_ROOT, StageSpec, stage_spec
+from .stages import ALGORITHMS, REPO_ROOT, StageSpec, stage_spec
 
 
 @dataclass
@@ -111,6 +111,8 @@ def plan_step(name: str, args: PipelineArguments, settings: dict[str, dict]) -> 
     out = str(run / spec.output)
     own: dict = {}
     skip = "skip: true in the pipeline config" if stage["skip"] else None
+    if name in ALGORITHMS and name not in args.algorithms:
+        skip = f"not in algorithms ({', '.join(args.algorithms)})"
     if name == "prepare":
         own = {"output_dir": out, "overwrite": True}
     elif name == "tiny_model":
@@ -124,9 +126,14 @@ def plan_step(name: str, args: PipelineArguments, settings: dict[str, dict]) -> 
     elif name == "ppo":
         own = {"data_dir": data, "output_dir": out, "model_name_or_path": sft_model,
                "reward_model_name": reward_model}
+    elif name == "dpo":
+        own = {"data_dir": data, "output_dir": out, "model_name_or_path": sft_model}
+    elif name in ("rloo", "grpo"):
+        own = {"data_dir": data, "output_dir": out, "model_name_or_path": sft_model, "reward_model_name": reward_model}
     elif name == "evaluate":
+        others = [a for a in args.algorithms if a != "ppo"]
         own = {"data_dir": data, "output_dir": out, "sft_model": sft_model, "ppo_model": str(run / PPO),
-               "reward_model_name": reward_model}
+               "reward_model_name": reward_model, "compare_with": others or ["none"]}
     else:  # merge_<stage>: fold the stage's adapter into the full weights it was trained on
         trained = name.removeprefix("merge_")
         adapter = run / stage_spec(trained).output

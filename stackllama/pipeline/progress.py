@@ -26,10 +26,17 @@ def summary_line(step: Step, run: Path) -> str:
         if name == "ppo":
             return (f"mean reward {r['reward_first']:.3f} -> {r['reward_last']:.3f}, KL {r['kl_last']:.2f}, "
                     f"{r['seconds_per_step']:.2f} s/step")
+        if name == "dpo":
+            return (f"held-out implicit-reward accuracy {r['eval_before']['accuracy']:.3f} -> "
+                    f"{r['eval_after']['accuracy']:.3f} (longer-answer baseline "
+                    f"{r['eval_after']['longer_answer_baseline']:.3f}), margin {r['eval_after']['mean_margin']:.3f}")
+        if name in ("rloo", "grpo"):
+            return (f"mean reward {r['reward_first']:.3f} -> {r['reward_last']:.3f}, KL {r['kl']:.2f}, "
+                    f"{r['tokens_per_s']:.0f} tokens/s")
         if name.startswith("merge_"):
             return f"merged logits match base+adapter (max |diff| {r['max_abs_diff']:.1e})"
         if name == "evaluate":
-            return str(r.get("verdict_headline", ""))
+            return str(r.get("comparison_headline") or r.get("verdict_headline", ""))
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return ""

@@ -42,7 +42,7 @@ def run_pipeline(args: PipelineArguments, settings: dict[str, dict], out=print, 
     started = time.time()
     for index, name in enumerate(names):
         step = plan_step(name, args, settings)
-        head = f"[{index + 1}/{len(names)}] {name:<{width}}"
+        head = f"[{index + 1:>{len(str(len(names)))}}/{len(names)}] {name:<{width}}"
         if step.skip_reason:
             out(f"{head}  skipped: {step.skip_reason}")
             results["stages"][name] = {"status": "skipped", "why": step.skip_reason}

@@ -9,6 +9,10 @@ from ..run_layout import (
     BASE,
     DATA,
     DATA_SUMMARY,
+    DPO,
+    DPO_RESULTS,
+    GRPO,
+    GRPO_RESULTS,
     EVALUATION_RESULTS,
     MERGE_RESULTS,
     PPO,
@@ -16,6 +20,8 @@ from ..run_layout import (
     REPORT,
     REWARD,
     REWARD_RESULTS,
+    RLOO,
+    RLOO_RESULTS,
     SFT,
     SFT_RESULTS,
     TINY_MODEL_RESULTS,
@@ -46,9 +52,16 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("merge_reward", "merge reward adapter", "scripts/merge_adapters.py", merged(REWARD), MERGE_RESULTS),
     StageSpec("ppo", "PPO", "scripts/rl_ppo.py", PPO, PPO_RESULTS, distributed=True),
     StageSpec("merge_ppo", "merge PPO adapter", "scripts/merge_adapters.py", merged(PPO), MERGE_RESULTS),
+    # the other algorithms, from the same SFT model (and, for RLOO / GRPO, the same reward model), run
+    # when listed in `algorithms:`; the evaluation compares every policy trained with SFT
+    StageSpec("dpo", "DPO", "scripts/dpo.py", DPO, DPO_RESULTS, distributed=True),
+    StageSpec("rloo", "RLOO", "scripts/rloo.py", RLOO, RLOO_RESULTS, distributed=True),
+    StageSpec("grpo", "GRPO", "scripts/grpo.py", GRPO, GRPO_RESULTS, distributed=True),
     StageSpec("evaluate", "evaluation report", "scripts/evaluate.py", REPORT, EVALUATION_RESULTS),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
+# The policy-optimisation stages a run may train (pipeline `algorithms:`); PPO, the recipe's, always
+ALGORITHMS = ("ppo", "dpo", "rloo", "grpo")
 
 
 def stage_spec(name: str) -> StageSpec:

@@ -5,8 +5,9 @@ rebuilt at any time (`scripts/evaluate.py --report_only`) and tested on small fa
 
 - `logs`: reads the stages' logs (`trainer_state.json`, the `*_results.json`, `ppo_log.jsonl`),
   each optional: a missing one skips its plot and the report names the absent file;
-- `plots`: the training-curve PNGs;
-- `verdict`: whether PPO beats SFT, the likely reasons and caveats;
+- `plots`: the training-curve PNGs and `comparison.png` (every policy's reward against KL);
+- `verdict`: whether PPO beats SFT, the likely reasons and caveats; with DPO / RLOO / GRPO, which
+  method the reward model ranks first and whether its lead survives length control;
 - `formatting`, `samples`, `sections`: the text of report.md;
 - `build`: `build_report`, which draws the plots and writes report.md.
 """
@@ -20,13 +21,13 @@ from .logs import (
     read_ppo_log,
     read_trainer_history,
 )
-from .plots import PPO_PLOT, REWARD_PLOT, SFT_PLOT
+from .plots import COMPARISON_PLOT, PPO_PLOT, REWARD_PLOT, SFT_PLOT
 from .samples import choose_examples
 from .sections import render_report
-from .verdict import headline, verdict
+from .verdict import comparison_headline, comparison_verdict, compares_policies, full_verdict, headline, verdict
 
 __all__ = [
-    "PPO_PLOT", "REPORT_FILE", "REWARD_PLOT", "SFT_PLOT", "LogSources", "TrainingLogs", "build_report",
-    "choose_examples", "fenced", "headline", "read_json", "read_ppo_log", "read_trainer_history",
-    "render_report", "verdict",
+    "COMPARISON_PLOT", "PPO_PLOT", "REPORT_FILE", "REWARD_PLOT", "SFT_PLOT", "LogSources", "TrainingLogs",
+    "build_report", "choose_examples", "comparison_headline", "comparison_verdict", "compares_policies", "fenced",
+    "full_verdict", "headline", "read_json", "read_ppo_log", "read_trainer_history", "render_report", "verdict",
 ]

@@ -1,4 +1,5 @@
-"""The training-curve plots: SFT loss, reward-model loss and accuracy, the PPO statistics grid.
+"""The training-curve plots: SFT loss, reward-model loss and accuracy, the PPO statistics grid, and the
+comparison of every policy (reward against KL, each stage's training curve).
 
 Drawn with matplotlib's object API on the Agg canvas (no display, no global state) and written
 atomically (:func:`stackllama.atomic.write_file`).
@@ -15,6 +16,7 @@ from ..atomic import write_file
 SFT_PLOT = "sft_loss.png"
 REWARD_PLOT = "reward_training.png"
 PPO_PLOT = "ppo_training.png"
+COMPARISON_PLOT = "comparison.png"
 
 
 def _series(rows: Sequence[dict], key: str, x_key: str | None = None):
@@ -169,4 +171,85 @@ def plot_ppo(rows: list[dict], path: Path) -> Path:
     window = smoothing_window(len(rows))
     note = f" (thin: each step; thick: mean of the last {window} steps)" if window > 1 else ""
     fig.suptitle(f"PPO training statistics per step{note}", fontsize=13)
+    return _save(fig, path)
+
+
+def _errors(value: float, ci) -> list[list[float]] | None:
+    """Matplotlib's asymmetric error bar for one point from its interval (None: no interval)."""
+    if not ci or ci[0] is None or ci[1] is None:
+        return None
+    return [[max(0.0, value - ci[0])], [max(0.0, ci[1] - value)]]
+
+
+def _reward_against_kl(ax, policies: Sequence[dict], colors: dict[str, str]) -> None:
+    """One point per policy: KL from SFT (x) against mean reward-model score (y), both with their 95% CIs."""
+    placed, unplaced = 0, []
+    for i, policy in enumerate(policies):
+        score = policy.get("mean_score")
+        kl = 0.0 if i == 0 else policy.get("kl_from_sft")  # the first policy is the reference
+        if score is None or kl is None:
+            unplaced.append(policy["name"])
+            continue
+        ax.errorbar([kl], [score], yerr=_errors(score, policy.get("mean_score_ci")),
+                    xerr=None if i == 0 else _errors(kl, policy.get("kl_from_sft_ci")), fmt="o", markersize=7,
+                    capsize=4, color=colors[policy["name"]])
+        ax.annotate(policy["name"], (kl, score), xytext=(6, 6), textcoords="offset points", fontsize=10)
+        placed += 1
+    if policies and policies[0].get("mean_score") is not None:
+        ax.axhline(policies[0]["mean_score"], color="grey", linestyle=":", linewidth=1)
+    if not placed:
+        ax.text(0.5, 0.5, "no scores", ha="center", va="center", transform=ax.transAxes, color="grey")
+    elif unplaced:
+        ax.text(0.98, 0.02, "no score or KL: " + ", ".join(unplaced), ha="right", va="bottom", fontsize=8,
+                transform=ax.transAxes, color="grey")
+    _style(ax, "Held-out reward against KL from SFT", "KL(policy ‖ SFT) (nats per answer)",
+           "mean reward-model score (95% CI)")
+
+
+def plot_comparison(policies: Sequence[dict], path: Path, ppo_rows: list[dict] | None = None,
+                    histories: dict[str, list[dict] | None] | None = None) -> Path:
+    """Every policy's held-out reward against its KL from SFT, beside the training curves of the stages that
+    logged them: PPO's, RLOO's and GRPO's training reward, DPO's reward margin and accuracy. A stage without
+    logs is left out, and so is a panel none of them feeds."""
+    histories = histories or {}
+    colors = {p["name"]: f"C{i}" for i, p in enumerate(policies)}
+    names = {p.get("stage"): p["name"] for p in policies}
+
+    def color(stage):
+        return colors.get(names.get(stage), "black")
+
+    online = []  # (label, color, xs, ys): reward-model score during training
+    if ppo_rows:
+        online.append(("PPO", color("ppo"), *_series(ppo_rows, "env/reward_mean", "env/step")))
+    for stage in ("rloo", "grpo"):
+        if histories.get(stage):
+            online.append((names.get(stage, stage.upper()), color(stage), *_series(histories[stage], "reward", "step")))
+    online = [row for row in online if row[2]]
+    dpo = histories.get("dpo")
+    dpo = dpo if dpo and (_series(dpo, "rewards/margins")[0] or _series(dpo, "rewards/accuracies")[0]) else None
+
+    fig = _figure(5.6 * (1 + bool(online) + bool(dpo)), 4.6)
+    axes = list(fig.subplots(1, 1 + bool(online) + bool(dpo), squeeze=False)[0])
+    _reward_against_kl(axes.pop(0), policies, colors)
+    if online:
+        ax = axes.pop(0)
+        for label, c, xs, ys in online:
+            _line(ax, xs, ys, c, label)
+        _style(ax, "Training reward", "step (of each stage)", "reward-model score (training batch)")
+        _legend(ax, fontsize=8)
+    if dpo:
+        ax = axes.pop(0)
+        _line(ax, *_series(dpo, "rewards/margins", "step"), color("dpo"), "reward margin (chosen − rejected)")
+        _style(ax, "DPO: implicit reward", "optimizer step", "β · log-ratio margin (nats)")
+        xs, ys = _series(dpo, "rewards/accuracies", "step")
+        if xs:
+            twin = ax.twinx()
+            twin.plot(xs, ys, color="grey", linestyle="--", linewidth=1.2, label="accuracy (right axis)")
+            twin.set_ylim(0, 1)
+            twin.set_ylabel("share of pairs with margin > 0")
+            handles = [h for a in (ax, twin) for h in a.get_legend_handles_labels()[0]]
+            ax.legend(handles=handles, fontsize=8, loc="lower right")
+        else:
+            _legend(ax, fontsize=8)
+    fig.suptitle("Every policy against SFT", fontsize=13)
     return _save(fig, path)

@@ -1,4 +1,5 @@
-"""The text of report.md: models, verdict, held-out comparison, reward model, training curves, samples."""
+"""The text of report.md: models, verdict, held-out comparison, every policy against SFT, reward model,
+training curves, samples."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ from ..run_layout import EVALUATION_RESULTS
 from .formatting import code, fmt, fmt_ci, parameters
 from .logs import TrainingLogs
 from .samples import choose_examples, render_example
-from .verdict import verdict
+from .verdict import full_verdict
+
+NULL = "—"  # a figure the results leave null (the reference's own difference, an untimed stage)
+LENGTH_CONTROL = ("the score difference against {ref} left at equal answer length: over the pairs of answers to the "
+                  "same question under the same length limit, the score difference is regressed on the length "
+                  "difference, and the intercept is the difference expected had both answers been equally long")
 
 
 def _origin(results: dict, name: str) -> str:
@@ -37,6 +43,77 @@ def _figures_table(results: dict) -> str:
               f"| mean score difference, PPO − SFT | {fmt_ci(results['score_difference'], results['score_difference_ci'])} |",
               f"| PPO win rate (ties count half) | {fmt_ci(results['win_rate'], results['win_rate_ci'], percent=True)} |"]
     return "\n".join(lines)
+
+
+def _cell(value, ci=None, digits: int = 3, percent: bool = False) -> str:
+    return NULL if value is None else fmt_ci(value, ci, digits, percent)
+
+
+def duration(seconds) -> str:
+    """A wall time for the table: seconds, minutes or hours, whichever reads best."""
+    if seconds is None:
+        return NULL
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def policies_table(results: dict) -> str:
+    """One row per policy, the reference (SFT) first: its score and every figure against the reference."""
+    policies = results["policies"]
+    ref = policies[0]["name"]
+    lines = [f"| policy | mean reward-model score [95% CI] | win rate against {ref} [95% CI] | score difference "
+             f"against {ref} [95% CI] | length-controlled difference [95% CI] | KL from {ref} (nats per answer) "
+             f"[95% CI] | KL from {ref} (nats per token) | mean length (tokens) | ends with EOS | degenerate | "
+             "training wall time | tokens generated in training |",
+             "|---|" + "---:|" * 11]
+    for i, p in enumerate(policies):
+        lc = p.get("length_controlled") or {}
+        if i == 0:
+            kl, kl_token = "0 (reference)", "0 (reference)"
+        else:
+            kl = _cell(p.get("kl_from_sft"), p.get("kl_from_sft_ci"))
+            kl_token = _cell(p.get("kl_from_sft_per_token"), digits=4)
+        cells = [p["name"], _cell(p.get("mean_score"), p.get("mean_score_ci")),
+                 _cell(p.get("win_rate"), p.get("win_rate_ci"), percent=True),
+                 _cell(p.get("score_difference"), p.get("score_difference_ci")),
+                 _cell(lc.get("difference"), lc.get("difference_ci")), kl, kl_token,
+                 _cell(p.get("mean_length"), digits=1), _cell(p.get("eos_share"), percent=True),
+                 _cell(p.get("degenerate_share"), percent=True), duration(p.get("train_wall_time_s")),
+                 _cell(p.get("train_tokens_generated"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def length_control_text(results: dict) -> str:
+    """What the length-controlled column means, in plain words, and each policy's score per extra token."""
+    ref = results["policies"][0]["name"]
+    control = results.get("length_control") or {}
+    text = f"*Length-controlled difference*: {LENGTH_CONTROL.format(ref=ref)}"
+    if control.get("description"):
+        text += f" ({control.get('method', 'method')}: {control['description'].rstrip('.')})"
+    text += (". A policy whose raw score difference is well above its length-controlled one wins mainly by "
+             "writing longer answers, which the reward model rewards.")
+    slopes = [(p["name"], p["length_controlled"]) for p in results["policies"][1:] if p.get("length_controlled")]
+    slopes = [(name, lc) for name, lc in slopes if lc.get("length_slope") is not None]
+    if slopes:
+        text += " Reward-model score per extra token (the regression's slope): " + ", ".join(
+            f"{name} {lc['length_slope']:+.4f} ({fmt(lc.get('pairs'))} pairs)" for name, lc in slopes) + "."
+    return text
+
+
+def _policies_section(results: dict, plots: dict[str, str | None]) -> list[str]:
+    lines = ["## Every policy against SFT", "",
+             f"Each policy answered the same {results['prompts']} held-out questions under the same length limits "
+             f"and random numbers; figures against {results['policies'][0]['name']} are paired per answer, "
+             "intervals as above. Training time and tokens are the stage's own (— where not recorded).", "",
+             policies_table(results), "", length_control_text(results), ""]
+    if plots.get("comparison"):
+        lines += [f"![Every policy: reward against KL, training curves]({plots['comparison']})", "",
+                  "Left: each policy's mean held-out reward-model score against its KL from SFT (bars: 95% CIs, SFT "
+                  "at 0); right: the training curves the stages logged (PPO, RLOO, GRPO: reward of the training "
+                  "batches; DPO: implicit reward margin and accuracy).", ""]
+    return lines
 
 
 def _reward_accuracy_text(results: dict) -> str:
@@ -84,7 +161,7 @@ def _training_summaries(logs: TrainingLogs) -> dict[str, str]:
 
 def render_report(results: dict | None, samples: Sequence[dict], logs: TrainingLogs, plots: dict[str, str | None],
                   run: str | None = None, num_examples: int = 4, seed: int = 0) -> str:
-    """The text of report.md. `plots` maps sft / reward / ppo to a PNG file name (None: not drawn)."""
+    """The text of report.md. `plots` maps sft / reward / ppo / comparison to a PNG file name (None: not drawn)."""
     lines = ["# StackLLaMA run report", ""]
     if run:
         lines += [f"Run folder: {code(run)}", ""]
@@ -92,10 +169,12 @@ def render_report(results: dict | None, samples: Sequence[dict], logs: TrainingL
         lines += ["## Models", "",
                   f"- SFT policy: {code(results['sft_model'])} ({results.get('sft_model_kind', 'n/a')})",
                   f"- PPO policy: {code(results['ppo_model'])} ({results.get('ppo_model_kind', 'n/a')})",
+                  *[f"- {p['name']} policy: {code(p.get('path'))} ({p.get('kind') or 'n/a'})"
+                    for p in (results.get("policies") or []) if p.get("stage") not in ("sft", "ppo")],
                   f"- reward model: {code(results['reward_model'])}",
                   f"- data: {code(results['data_dir'])}, subset `{results.get('subset', 'evaluation')}`",
                   f"- policy size: {parameters(results.get('policy_parameters'))} parameters", ""]
-        lines += ["## Verdict", "", results.get("verdict") or verdict(results, logs), ""]
+        lines += ["## Verdict", "", results.get("verdict") or full_verdict(results, logs), ""]
         lines += ["## Held-out comparison", "",
                   f"{results['prompts']} questions of the `{results.get('subset', 'evaluation')}` subset "
                   f"({results.get('prompts_dropped', 0)} dropped as longer than {results.get('max_prompt_length')} "
@@ -108,6 +187,8 @@ def render_report(results: dict | None, samples: Sequence[dict], logs: TrainingL
                   f"({results.get('bootstrap_resamples')} resamples), so several answers to one question are not "
                   "counted as independent. KL(PPO ‖ SFT) is Σ_t log p_PPO − log p_SFT over the PPO policy's own "
                   "answers.", "", _figures_table(results), ""]
+        if len(results.get("policies") or []) >= 2:
+            lines += _policies_section(results, plots)
         lines += ["## Reward model", "", _reward_accuracy_text(results), ""]
     else:
         lines += ["## Verdict", "", f"**No evaluation results**: `{EVALUATION_RESULTS}` was not found, so the "

@@ -301,6 +301,3 @@ def load_saved_policy(path: str, ref_model: str | None = None, dtype: str | None
             raise
         raise ModelLoadError(f"could not load the DPO model {path!r} or its reference: {error}") from error
     return policy, reference, load_tokenizer(path, trust_remote_code=trust_remote_code)
-
-
-# --------------------------------------------------------------------------- model card

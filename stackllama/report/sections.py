@@ -88,10 +88,7 @@ def policies_table(results: dict) -> str:
 def length_control_text(results: dict) -> str:
     """What the length-controlled column means, in plain words, and each policy's score per extra token."""
     ref = results["policies"][0]["name"]
-    control = results.get("length_control") or {}
     text = f"*Length-controlled difference*: {LENGTH_CONTROL.format(ref=ref)}"
-    if control.get("description"):
-        text += f" ({control.get('method', 'method')}: {control['description'].rstrip('.')})"
     text += (". A policy whose raw score difference is well above its length-controlled one wins mainly by "
              "writing longer answers, which the reward model rewards.")
     slopes = [(p["name"], p["length_controlled"]) for p in results["policies"][1:] if p.get("length_controlled")]

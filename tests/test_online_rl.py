@@ -3,7 +3,7 @@ tiny fixtures: a programmatic reward is learned through the same glue as the rew
 what PPO's `RewardFunction` scores (EOS appended alike); the logged KL is PPO's `objective/kl`, checked
 against log-probs computed here, with TRL's reference (a frozen copy, or the LoRA adapters disabled); a NaN
 reward stops the step; a run killed inside a step resumes to the same weights; the scripts' errors are one
-line; GRPO runs on two CPU processes and its LoRA adapter merges like an SFT adapter. Run with `-s` to see
+line; both run on two CPU processes and their LoRA adapters merge like an SFT adapter. Run with `-s` to see
 the figures.
 """
 
@@ -438,17 +438,19 @@ RECORD = rank_recorder(r'''
     import trl
     import transformers
 
-    generate, train = trl.GRPOTrainer._generate, transformers.Trainer.train
+    train = transformers.Trainer.train
     batches = []
 
     def trainable(model):
         return torch.cat([p.detach().float().reshape(-1).cpu() for _, p in sorted(model.named_parameters())
                           if p.requires_grad])
 
-    def hooked_generate(self, prompts):
-        out = generate(self, prompts)
-        batches.append({"prompts": list(prompts), "tokens": sum(len(ids) for ids in out[1])})
-        return out
+    def hooked(generate):
+        def hooked_generate(self, prompts):
+            out = generate(self, prompts)  # (prompt ids, completion ids, ...) in both trainers
+            batches.append({"prompts": list(prompts), "tokens": sum(len(ids) for ids in out[1])})
+            return out
+        return hooked_generate
 
     def hooked_train(self, *args, **kwargs):
         RECORD.mkdir(parents=True, exist_ok=True)
@@ -459,32 +461,34 @@ RECORD = rank_recorder(r'''
                                                              "tokens_generated": self.tokens_generated}))
         return output
 
-    trl.GRPOTrainer._generate = hooked_generate
+    for cls in (trl.GRPOTrainer, trl.RLOOTrainer):
+        cls._generate = hooked(cls._generate)
     transformers.Trainer.train = hooked_train
 ''')
 
 
 @pytest.mark.slow
-def test_grpo_lora_on_two_processes_and_its_adapter_merges(run, tmp_path):
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_lora_on_two_processes_and_its_adapter_merges(algorithm, run, tmp_path):
     """torchrun, 2 CPU processes: each samples answers to its own prompts, the adapters end equal on both
     ranks, the tokens are counted over both, rank 0 alone writes; the adapter merges as an SFT adapter does."""
     from stackllama.merge import merge_adapter
 
-    out, record = tmp_path / "grpo", tmp_path / "record"
+    out, record = tmp_path / algorithm, tmp_path / "record"
     env = hook_env(tmp_path / "hook", RECORD, {"MP_RECORD": str(record), "OMP_NUM_THREADS": "1",
                                                "TOKENIZERS_PARALLELISM": "false"})
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     lora = ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules", "q_proj", "v_proj",
             "--max_steps", "2", "--save_strategy", "no"]
-    output = torchrun(command("grpo", run, out, *lora)[1:], nproc=2, env=env, timeout=240)
+    output = torchrun(command(algorithm, run, out, *lora)[1:], nproc=2, env=env, timeout=240)
     ranks = [json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1)]
     weights_ = [torch.load(record / f"weights{r}.pt") for r in (0, 1)]
-    results = json.loads((out / "grpo_results.json").read_text())
-    print(f"\ngrpo on 2 processes: {results['tokens_generated']} tokens, KL {results['kl']:.4f}, "
+    results = json.loads((out / f"{algorithm}_results.json").read_text())
+    print(f"\n{algorithm} on 2 processes: {results['tokens_generated']} tokens, KL {results['kl']:.4f}, "
           f"|rank0 - rank1| {(weights_[0]['end'] - weights_[1]['end']).abs().max().item():.3g}")
 
-    assert output.count("GRPO done") == 1 and "INFO [rank 1]" not in output
+    assert output.count(f"{algorithm.upper()} done") == 1 and "INFO [rank 1]" not in output
     assert all(r["world"] == 2 for r in ranks)
     for step in range(2):  # 8 answers a rank a step: 4 to each of 2 prompts, not the other rank's
         mine, theirs = (set(r["batches"][step]["prompts"]) for r in ranks)
@@ -493,10 +497,10 @@ def test_grpo_lora_on_two_processes_and_its_adapter_merges(run, tmp_path):
     assert (weights_[0]["end"] - weights_[0]["start"]).abs().max() > 1e-6
     tokens = sum(b["tokens"] for r in ranks for b in r["batches"])
     assert results["tokens_generated"] == ranks[0]["tokens_generated"] == ranks[1]["tokens_generated"] == tokens
-    assert (record / "writes0.txt").read_text().split() == ["grpo_results.json"]
+    assert (record / "writes0.txt").read_text().split() == [f"{algorithm}_results.json"]
     assert not (record / "writes1.txt").exists()
     assert (out / "adapter_config.json").is_file() and (out / "trainer_state.json").is_file()
 
-    merged = merge_adapter(out, tmp_path / "grpo-merged")
-    assert merged["stage"] == "grpo" and merged["task"] == "causal_lm" and merged["verified"]
+    merged = merge_adapter(out, tmp_path / f"{algorithm}-merged")
+    assert merged["stage"] == algorithm and merged["task"] == "causal_lm" and merged["verified"]
     assert merged["base_model"] == str(run / "sft")

@@ -11,12 +11,15 @@ adapter); this package holds only what TRL does not offer:
 - ``statistics.py`` the KL to the SFT model with PPO's meaning, tokens generated, the NaN reward stop
 - ``trainer.py``    the trainers (with `stackllama.hf_trainer`'s checkpoints and NaN guard), and the
                     run's figures for the results file
+- ``train.py``      the whole stage, start to end, behind both scripts
 """
 
 from .arguments import ALGORITHMS, RESULTS_FILES, OnlineRLScriptArguments, check_prompt_count, check_training_args
 from .prompts import build_prompt_dataset
 from .reward import TRLReward
+from .train import train_online_rl
 from .trainer import build_trainer, done_message, run_summary
 
 __all__ = ["ALGORITHMS", "OnlineRLScriptArguments", "RESULTS_FILES", "TRLReward", "build_prompt_dataset",
-           "build_trainer", "check_prompt_count", "check_training_args", "done_message", "run_summary"]
+           "build_trainer", "check_prompt_count", "check_training_args", "done_message", "run_summary",
+           "train_online_rl"]

@@ -320,22 +320,23 @@ def max_abs_diff(a: Path, b: Path) -> float:
 
 
 @pytest.mark.slow
-def test_rloo_killed_inside_a_step_resumes_to_the_uninterrupted_run(run, tmp_path):
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_killed_inside_a_step_resumes_to_the_uninterrupted_run(algorithm, run, tmp_path):
     steps = ["--max_steps", "6", "--save_steps", "2", "--save_total_limit", "2"]
-    straight, out = tmp_path / "straight", tmp_path / "rloo"
-    run_to_end(command("rloo", run, straight, *steps))
+    straight, out = tmp_path / "straight", tmp_path / algorithm
+    run_to_end(command(algorithm, run, straight, *steps))
     env = hook_env(tmp_path / "hook", HOOK, {"HOOK_STEP": "4"})
-    kill_when(command("rloo", run, out, *steps), r"HOOK: paused inside training step 5", env=env)
+    kill_when(command(algorithm, run, out, *steps), r"HOOK: paused inside training step 5", env=env)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-    assert not (out / "rloo_results.json").exists()
+    assert not (out / f"{algorithm}_results.json").exists()
 
-    resumed = run_to_end(command("rloo", run, out, *steps, "--resume_from_checkpoint", "latest"))
+    resumed = run_to_end(command(algorithm, run, out, *steps, "--resume_from_checkpoint", "latest"))
     assert f"resuming from {out / 'checkpoint-4'}" in resumed.stderr
     diff = max_abs_diff(out, straight)
-    print(f"\nrloo: killed inside step 5, resumed from checkpoint-4: max |diff| of final weights {diff:.3g}")
+    print(f"\n{algorithm}: killed inside step 5, resumed from checkpoint-4: max |diff| of final weights {diff:.3g}")
     assert diff == 0.0
     assert max_abs_diff(out, out / "checkpoint-4") > 1e-5  # the resumed run did train on
-    a, b = (json.loads((folder / "rloo_results.json").read_text()) for folder in (straight, out))
+    a, b = (json.loads((folder / f"{algorithm}_results.json").read_text()) for folder in (straight, out))
     assert a["prompts"] == 24 and a["prompts_dropped"] == 1 and a["global_step"] == b["global_step"] == 6
     assert b["resumed_from"] == str(out / "checkpoint-4")
     for key in ("tokens_generated", "reward_first", "reward_last", "kl", "kl_per_token", "kl_max", "train_loss"):

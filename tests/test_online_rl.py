@@ -22,6 +22,7 @@ from interrupt_helpers import run as run_to_end
 from ppo_tiny import make_model, make_tokenizer, one_thread  # noqa: F401  (fixture)
 from safetensors.torch import load_file
 from sft_helpers import write_pairs
+from test_rl_script import reward_model  # the PPO stage tests' tiny reward model
 
 from stackllama.data.template import format_prompt
 from stackllama.errors import NonFiniteError
@@ -31,16 +32,6 @@ from stackllama.reward_scoring import RewardFunction
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ALGORITHMS = ("rloo", "grpo")
-
-
-def reward_model(tokenizer, seed=1):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, num_labels=1,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return LlamaForSequenceClassification(config).eval()
 
 
 @pytest.fixture(scope="module")

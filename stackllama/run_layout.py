@@ -31,6 +31,7 @@ from .errors import InputError, MissingInputError
 DATA, BASE, SFT, SFT_MERGED, REWARD, PPO, REPORT, LOGS = (
     "data", "base", "sft", "sft-merged", "reward", "ppo", "report", "logs")
 DPO, RLOO, GRPO = "dpo", "rloo", "grpo"  # the optional stages compared with PPO (pipeline `algorithms:`)
+OTHER_POLICY_STAGES = (DPO, RLOO, GRPO)  # in the order the pipeline runs and the evaluation lists them
 
 # Each stage's results file, written last: its presence marks a completed stage
 SFT_RESULTS = "sft_results.json"

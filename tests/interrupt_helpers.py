@@ -30,6 +30,43 @@ def hook_env(folder: Path, code: str, extra: dict | None = None) -> dict:
     return env
 
 
+# A pause inside training step HOOK_STEP + 1 of any transformers/TRL Trainer, announced on stdout, for
+# `hook_env(..., PAUSE_IN_TRAINING_STEP, {"HOOK_STEP": "4"})` + `kill_when(..., PAUSED_IN_STEP.format(step=5))`
+PAUSE_IN_TRAINING_STEP = r'''
+import os, time
+import transformers
+
+STEP = int(os.environ["HOOK_STEP"])
+training_step = transformers.Trainer.training_step
+
+
+def hooked_training_step(self, model, inputs, *args, **kwargs):
+    if self.state.global_step == STEP:
+        print(f"HOOK: paused inside training step {STEP + 1}", flush=True)
+        time.sleep(120)
+    return training_step(self, model, inputs, *args, **kwargs)
+
+
+transformers.Trainer.training_step = hooked_training_step
+'''
+
+
+def weights(folder: Path) -> dict:
+    """Every tensor of a folder's safetensors files, keyed `<file>:<name>`."""
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    assert files, f"no weights in {folder}"
+    return {f"{f.name}:{k}": v for f in files for k, v in load_file(f).items()}
+
+
+def max_abs_diff(a: Path, b: Path) -> float:
+    """The largest |difference| between the weights saved in two folders (same tensors required)."""
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+
+
 def kill_when(command: list[str], pattern: str, env: dict | None = None, timeout: float = 600) -> str:
     """Run `command`; SIGKILL it when a line of its output matches `pattern`. Returns the output.
 
@@ -131,11 +168,16 @@ if "RANK" in os.environ and "MP_RECORD" in os.environ:
         return write_results(output_dir, filename, results)
 
     stackllama.stage.write_results = hooked_write_results
+
+    def trainable(model):
+        """The trainable weights, flattened in name order (to compare ranks, or a run's start and end)."""
+        return torch.cat([p.detach().float().reshape(-1).cpu() for _, p in sorted(model.named_parameters())
+                          if p.requires_grad])
 '''
 
 
 def rank_recorder(body: str) -> str:
     """`sitecustomize` code for the processes of a launch: each rank appends the results files it
     writes (`stackllama.stage.write_results`) to $MP_RECORD/writes<rank>.txt, then runs `body`,
-    which sees `RECORD`, `RANK`, `json`, `Path` and `torch`."""
+    which sees `RECORD`, `RANK`, `json`, `Path`, `torch` and `trainable(model)`."""
     return _RANK_RECORDER + textwrap.indent(textwrap.dedent(body), "    ")

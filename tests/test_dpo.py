@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from interrupt_helpers import REPO, hook_env, kill_when, rank_recorder, torchrun
+from interrupt_helpers import PAUSE_IN_TRAINING_STEP, REPO, hook_env, kill_when, max_abs_diff, rank_recorder, torchrun
 from interrupt_helpers import run as run_to_end
 from safetensors.torch import load_file
 from sft_helpers import build_small_model, pair_rows, write_pairs
@@ -84,10 +84,6 @@ def results_of(folder: Path) -> dict:
     return json.loads((folder / "dpo_results.json").read_text())
 
 
-def weights(folder: Path) -> dict:
-    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
-
-
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -148,30 +144,11 @@ def test_lora_on_a_4bit_base_trains_after_the_evaluation_before_training(small, 
     assert moved > 1e-4 and results["eval_after"]["mean_margin"] > 0
 
 
-HOOK = r'''
-import os, time
-import transformers
-
-STEP = int(os.environ["HOOK_STEP"])
-training_step = transformers.Trainer.training_step
-
-
-def hooked_training_step(self, model, inputs, *args, **kwargs):
-    if self.state.global_step == STEP:
-        print(f"HOOK: paused inside training step {STEP + 1}", flush=True)
-        time.sleep(120)
-    return training_step(self, model, inputs, *args, **kwargs)
-
-
-transformers.Trainer.training_step = hooked_training_step
-'''
-
-
 @pytest.mark.slow
 def test_killed_inside_training_resumes_to_the_same_weights(small, uninterrupted, tmp_path):
     out = tmp_path / "dpo"
     kill_when(command(small, out), r"HOOK: paused inside training step 5",
-              env=hook_env(tmp_path / "hook", HOOK, {"HOOK_STEP": "4"}))
+              env=hook_env(tmp_path / "hook", PAUSE_IN_TRAINING_STEP, {"HOOK_STEP": "4"}))
     assert [p.name for p in checkpoints(out, "checkpoint")] == ["checkpoint-2", "checkpoint-4"]
     assert not (out / "dpo_results.json").exists()
     state = json.loads((out / "checkpoint-4" / STAGE_STATE).read_text())
@@ -179,11 +156,10 @@ def test_killed_inside_training_resumes_to_the_same_weights(small, uninterrupted
 
     resumed = run_to_end(command(small, out, "--resume_from_checkpoint", "latest"))
     assert f"resuming from {out / 'checkpoint-4'}" in resumed.stderr
-    a, b, at_kill = weights(out), weights(uninterrupted), weights(out / "checkpoint-4")
-    diff = max((a[k] - b[k]).abs().max().item() for k in b)
+    diff = max_abs_diff(out, uninterrupted)  # the same tensors, compared
     print(f"\nkilled inside step 5, resumed from checkpoint-4: max |diff| of the final weights {diff:.3g}")
-    assert a.keys() == b.keys() and diff == 0
-    assert max((a[k] - at_kill[k]).abs().max().item() for k in a) > 1e-4  # the resumed run did train on
+    assert diff == 0
+    assert max_abs_diff(out, out / "checkpoint-4") > 1e-4  # the resumed run did train on
     ra, rb = results_of(out), results_of(uninterrupted)
     timings = ("train_runtime_s", "wall_time_s", "train_pairs_per_second", "train_tokens_per_second")
     assert {k: v for k, v in ra.items() if k not in timings} == {k: v for k, v in rb.items() if k not in timings}
@@ -337,10 +313,6 @@ MP_HOOK = rank_recorder(r'''
 
     train, training_step = transformers.Trainer.train, transformers.Trainer.training_step
     batches = []
-
-    def trainable(model):
-        return torch.cat([p.detach().float().reshape(-1) for _, p in sorted(model.named_parameters())
-                          if p.requires_grad])
 
     def hooked_training_step(self, model, inputs, *args, **kwargs):
         ids, mask = inputs["input_ids"], inputs["attention_mask"]

@@ -36,10 +36,6 @@ HOOK = rank_recorder(r'''
     train, training_step = transformers.Trainer.train, transformers.Trainer.training_step
     batches = []
 
-    def trainable(model):
-        return torch.cat([p.detach().float().reshape(-1).cpu() for _, p in sorted(model.named_parameters())
-                          if p.requires_grad])
-
     def hooked_training_step(self, model, inputs, *args, **kwargs):
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
         batches.append([row[m.bool()].tolist() if mask is not None else row.tolist()

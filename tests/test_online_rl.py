@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from interrupt_helpers import REPO, hook_env, kill_when, rank_recorder, torchrun
+from interrupt_helpers import PAUSE_IN_TRAINING_STEP, REPO, hook_env, kill_when, max_abs_diff, rank_recorder, torchrun
 from interrupt_helpers import run as run_to_end
 from ppo_tiny import make_model, make_tokenizer, one_thread  # noqa: F401  (fixture)
-from safetensors.torch import load_file
 from sft_helpers import write_pairs
 from test_rl_script import reward_model  # the PPO stage tests' tiny reward model
 
@@ -271,25 +270,6 @@ def test_a_nan_reward_stops_the_step_in_one_line(run, tmp_path):
 
 # --------------------------------------------------------------------------- (4) kill and resume
 
-HOOK = r'''
-import os, time
-import transformers
-
-STEP = int(os.environ["HOOK_STEP"])
-training_step = transformers.Trainer.training_step
-
-
-def hooked_training_step(self, model, inputs, *args, **kwargs):
-    if self.state.global_step == STEP:
-        print(f"HOOK: paused inside training step {STEP + 1}", flush=True)
-        time.sleep(120)
-    return training_step(self, model, inputs, *args, **kwargs)
-
-
-transformers.Trainer.training_step = hooked_training_step
-'''
-
-
 def command(algorithm: str, run: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, str(REPO / "scripts" / f"{algorithm}.py"), "--config",
             str(REPO / "configs" / algorithm / "tiny.yaml"), "--data_dir", str(run / "data"), "--output_dir", str(out),
@@ -298,25 +278,13 @@ def command(algorithm: str, run: Path, out: Path, *extra: str) -> list[str]:
             "--learning_rate", "1e-3", "--disable_tqdm", "true", *extra]
 
 
-def weights(folder: Path) -> dict:
-    files = sorted(folder.glob("*.safetensors"))
-    assert files, f"no weights in {folder}"
-    return {f"{f.name}:{k}": v for f in files for k, v in load_file(f).items()}
-
-
-def max_abs_diff(a: Path, b: Path) -> float:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_killed_inside_a_step_resumes_to_the_uninterrupted_run(algorithm, run, tmp_path):
     steps = ["--max_steps", "6", "--save_steps", "2", "--save_total_limit", "2"]
     straight, out = tmp_path / "straight", tmp_path / algorithm
     run_to_end(command(algorithm, run, straight, *steps))
-    env = hook_env(tmp_path / "hook", HOOK, {"HOOK_STEP": "4"})
+    env = hook_env(tmp_path / "hook", PAUSE_IN_TRAINING_STEP, {"HOOK_STEP": "4"})
     kill_when(command(algorithm, run, out, *steps), r"HOOK: paused inside training step 5", env=env)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert not (out / f"{algorithm}_results.json").exists()
@@ -432,10 +400,6 @@ RECORD = rank_recorder(r'''
 
     train = transformers.Trainer.train
     batches = []
-
-    def trainable(model):
-        return torch.cat([p.detach().float().reshape(-1).cpu() for _, p in sorted(model.named_parameters())
-                          if p.requires_grad])
 
     def hooked(generate):
         def hooked_generate(self, prompts):

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from interrupt_helpers import REPO, hook_env, kill_when
+from interrupt_helpers import REPO, hook_env, kill_when, max_abs_diff
 from interrupt_helpers import run as run_to_end
-from safetensors.torch import load_file
 from sft_helpers import small_run_args, small_stage_inputs
 
 from stackllama.hf_trainer import STAGE_STATE, NonFiniteError, NonFiniteGuard
@@ -115,18 +114,6 @@ def uninterrupted(small):
         return done[stage]
 
     return get
-
-
-def weights(folder: Path) -> dict:
-    files = sorted(folder.glob("*.safetensors"))
-    assert files, f"no weights in {folder}"
-    return {f"{f.name}:{k}": v for f in files for k, v in load_file(f).items()}
-
-
-def max_abs_diff(a: Path, b: Path) -> float:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
 
 
 def assert_same_results(a: Path, b: Path, stage: str) -> None:

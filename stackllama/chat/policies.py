@@ -3,31 +3,24 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .. import run_layout
 from ..errors import MissingInputError
 from ..evaluation.policies import PolicySpec
+from ..report.logs import read_json
 
 # Folders that hold something other than a policy to talk to: the untrained base, the reward model
 NOT_POLICIES = {run_layout.BASE, run_layout.REWARD, run_layout.merged(run_layout.REWARD)}
 # Display names, and the order SFT first (the baseline), then the stages trained from it
-KNOWN_NAMES = {run_layout.SFT: "SFT", run_layout.PPO: "PPO", "dpo": "DPO", "rloo": "RLOO", "grpo": "GRPO"}
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+KNOWN_NAMES = {stage: stage.upper() for stage in (run_layout.SFT, run_layout.PPO, *run_layout.OTHER_POLICY_STAGES)}
 
 
 def is_causal_lm(folder: Path) -> bool:
     """Full weights of a `*ForCausalLM` or a LoRA adapter of task `CAUSAL_LM` (a reward model is neither)."""
     if run_layout.is_adapter(folder):
-        return _read_json(folder / "adapter_config.json").get("task_type") in ("CAUSAL_LM", None)
-    architectures = _read_json(folder / "config.json").get("architectures") or []
+        return (read_json(folder / "adapter_config.json") or {}).get("task_type") in ("CAUSAL_LM", None)
+    architectures = (read_json(folder / "config.json") or {}).get("architectures") or []
     return any(str(a).endswith("ForCausalLM") for a in architectures)
 
 

@@ -79,16 +79,12 @@ def _lengths(args: EvaluateScriptArguments, ppo_settings: dict) -> tuple[dict, d
     return chosen, settings_from
 
 
-# The stages whose policies are compared with SFT beside PPO when the run holds them, in this order
-OTHER_STAGES = (run_layout.DPO, run_layout.RLOO, run_layout.GRPO)
-
-
 def extra_policies(compare_with: list[str] | None, output_dir: str) -> list[PolicySpec]:
     """`--compare_with` as policies to load: stage names of the run, NAME=PATH, or `none`; by default each
     of the run's DPO, RLOO and GRPO folders that holds a model."""
     run = run_layout.run_dir(output_dir)
     if compare_with is None:
-        return [PolicySpec(stage.upper(), str(run / stage)) for stage in OTHER_STAGES
+        return [PolicySpec(stage.upper(), str(run / stage)) for stage in run_layout.OTHER_POLICY_STAGES
                 if run_layout.holds_model(run / stage)]
     if [item.lower() for item in compare_with] == ["none"]:
         return []

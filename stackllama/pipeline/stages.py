@@ -15,6 +15,7 @@ from ..run_layout import (
     GRPO_RESULTS,
     EVALUATION_RESULTS,
     MERGE_RESULTS,
+    OTHER_POLICY_STAGES,
     PPO,
     PPO_RESULTS,
     REPORT,
@@ -61,7 +62,7 @@ STAGES: tuple[StageSpec, ...] = (
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 # The policy-optimisation stages a run may train (pipeline `algorithms:`); PPO, the recipe's, always
-ALGORITHMS = ("ppo", "dpo", "rloo", "grpo")
+ALGORITHMS = (PPO, *OTHER_POLICY_STAGES)
 
 
 def stage_spec(name: str) -> StageSpec:

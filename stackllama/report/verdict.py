@@ -7,19 +7,39 @@ from __future__ import annotations
 from .formatting import fmt, fmt_ci, parameters
 from .logs import TrainingLogs
 
+LENGTH_RULE_MARGIN = 0.02  # a reward model within this accuracy of "the longer answer wins" adds little to it
+WEAK_ACCURACY = 0.6  # held-out pair accuracy below this: a weak reward model (chance is 0.5)
+TINY_POLICY = 1e8  # parameters: below this a policy writes barely readable text
+
+
+def reward_model_weakness(results: dict) -> tuple[str | None, float | None, float | None]:
+    """`(kind, accuracy, baseline)`: kind `"length"` when the reward model is no better than "the longer
+    answer wins" on held-out pairs, `"weak"` when it is merely weak, else None."""
+    accuracy = results.get("reward_model_accuracy") or {}
+    acc, baseline = accuracy.get("accuracy"), accuracy.get("longer_answer_baseline")
+    if acc is None:
+        return None, acc, baseline
+    if baseline is not None and acc <= baseline + LENGTH_RULE_MARGIN:
+        return "length", acc, baseline
+    return ("weak" if acc < WEAK_ACCURACY else None), acc, baseline
+
+
+def tiny_policy(results: dict) -> int | None:
+    """The policies' parameter count when it is below :data:`TINY_POLICY`, else None."""
+    params = results.get("policy_parameters")
+    return params if params and params < TINY_POLICY else None
+
 
 def likely_reasons(results: dict, logs: TrainingLogs) -> list[str]:
     """Why PPO may fail to beat SFT on held-out prompts, from the figures at hand (each stated with its number)."""
     reasons = []
-    accuracy = results.get("reward_model_accuracy") or {}
-    acc, baseline = accuracy.get("accuracy"), accuracy.get("longer_answer_baseline")
-    if acc is not None:
-        if baseline is not None and acc <= baseline + 0.02:
-            reasons.append(f"the reward model is barely better than a length rule: accuracy {acc:.3f} on held-out "
-                           f"pairs against {baseline:.3f} for 'the longer answer wins', so its score carries little "
-                           "beyond length, and here both policies answer under the same length limit")
-        elif acc < 0.6:
-            reasons.append(f"the reward model is weak: accuracy {acc:.3f} on held-out pairs (chance is 0.5)")
+    weakness, acc, baseline = reward_model_weakness(results)
+    if weakness == "length":
+        reasons.append(f"the reward model is barely better than a length rule: accuracy {acc:.3f} on held-out "
+                       f"pairs against {baseline:.3f} for 'the longer answer wins', so its score carries little "
+                       "beyond length, and here both policies answer under the same length limit")
+    elif weakness == "weak":
+        reasons.append(f"the reward model is weak: accuracy {acc:.3f} on held-out pairs (chance is 0.5)")
     ppo = logs.ppo_results or {}
     steps = ppo.get("steps") or (len(logs.ppo_rows) if logs.ppo_rows else None)
     if steps is not None and steps < 500:
@@ -39,8 +59,8 @@ def likely_reasons(results: dict, logs: TrainingLogs) -> list[str]:
     if n is not None and n < 50:
         reasons.append(f"only {n} held-out questions fit in {results.get('max_prompt_length')} tokens, so the "
                        "interval is wide")
-    params = results.get("policy_parameters")
-    if params and params < 1e8:
+    params = tiny_policy(results)
+    if params:
         reasons.append(f"the policy is tiny ({parameters(params)} parameters): its answers are barely language, "
                        "so the reward model's scores of them are mostly noise")
     return reasons
@@ -51,14 +71,13 @@ def caveats(results: dict, with_reward_model: bool = True) -> list[str]:
     a policy too small to write language, reward hacking, a change in how often answers end."""
     out = []
     sft, ppo = results.get("sft") or {}, results.get("ppo") or {}
-    accuracy = results.get("reward_model_accuracy") or {}
-    acc, baseline = accuracy.get("accuracy"), accuracy.get("longer_answer_baseline")
-    if with_reward_model and acc is not None and baseline is not None and acc <= baseline + 0.02:
+    weakness, acc, baseline = reward_model_weakness(results)
+    if with_reward_model and weakness == "length":
         out.append(f"the reward model does no better than 'the longer answer wins' on held-out pairs "
                    f"({fmt(acc, percent=True)} against {fmt(baseline, percent=True)}), so a higher score is weak "
                    "evidence of a better answer")
-    params = results.get("policy_parameters")
-    if with_reward_model and params and params < 1e8:
+    params = tiny_policy(results)
+    if with_reward_model and params:
         out.append(f"a {parameters(params)}-parameter policy writes barely readable text; read the samples "
                    "before trusting the scores")
     if ppo.get("degenerate_share") is not None and sft.get("degenerate_share") is not None:
@@ -179,17 +198,16 @@ def comparison_caveats(results: dict, best: dict | None = None) -> list[str]:
     """Why the ranking may not mean better answers: a reward model too weak to rank them, policies too
     small to write language, a best policy that wins by degenerate answers."""
     out = []
-    accuracy = results.get("reward_model_accuracy") or {}
-    acc, baseline = accuracy.get("accuracy"), accuracy.get("longer_answer_baseline")
-    if acc is not None and baseline is not None and acc <= baseline + 0.02:
+    weakness, acc, baseline = reward_model_weakness(results)
+    if weakness == "length":
         out.append(f"the reward model does no better than 'the longer answer wins' on held-out pairs "
                    f"({fmt(acc, percent=True)} against {fmt(baseline, percent=True)}), so its ranking of the "
                    "methods says little about which answers are better")
-    elif acc is not None and acc < 0.6:
+    elif weakness == "weak":
         out.append(f"the reward model is weak ({fmt(acc, percent=True)} accuracy on held-out pairs, chance 50%), "
                    "so its ranking of the methods says little about which answers are better")
-    params = results.get("policy_parameters")
-    if params and params < 1e8:
+    params = tiny_policy(results)
+    if params:
         out.append(f"the policies are tiny ({parameters(params)} parameters) and write barely readable text; "
                    "read the samples before trusting the ranking")
     reference = (results.get("policies") or [{}])[0]

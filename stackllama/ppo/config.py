@@ -85,6 +85,13 @@ class PPOConfig:
     ``generate``: the same distribution, without ``generate``'s per-token processors and a
     vocabulary-wide ``multinomial``. Other settings, and ZeRO-3 sampling on the shards
     (``ds3_gather_for_generation=False``), use ``generate``. False: always ``generate``."""
+    cuda_graph_sampling: bool = True
+    """Speed, on a CUDA device: the sampling loop (``fast_sampling``) decodes with a static KV
+    cache and replays each token's step as one captured CUDA graph instead of launching its
+    kernels one by one (:mod:`stackllama.ppo.speedups.cuda_graph_decode`): the same distribution,
+    drawn from the same formula. Not on CPU, an 8-bit base, under ZeRO-3, or with an attention
+    other than ``sdpa``/``eager``; a step that fails to capture falls back to the eager loop.
+    The log says which decode path ran."""
     merge_lora_for_sampling: bool = True
     """Speed: while sampling, run each LoRA-adapted ``nn.Linear`` as one matmul with
     ``W + s B A`` (a temporary copy of the adapted weights; the base is not modified) instead

@@ -1,7 +1,8 @@
 """Sampling the responses of a rollout, and what the sampling passes already computed of them.
 
 :class:`Sampler` samples in batches of left-padded prompts with the KV cache: with the PPO
-sampling loop for pure sampling (:mod:`.speedups.sampling_loop`), else with transformers'
+sampling loop for pure sampling (:mod:`.speedups.sampling_loop`; on a GPU its decode steps
+replayed as a CUDA graph, :mod:`.speedups.cuda_graph_decode`), else with transformers'
 ``generate``. Each response is cut after its first stop (:class:`.rollout_batch.StopTokens`).
 
 The sampling passes run the policy on every sampled token; where the speed-up plan allows
@@ -12,6 +13,7 @@ rollout pass. Nothing is kept in the trainer: what ``step`` may reuse is what it
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -19,7 +21,7 @@ import torch
 from . import core
 from .guards import flatten_stop_ids
 from .rollout_batch import StopTokens, left_pad
-from .speedups import sampling_loop
+from .speedups import cuda_graph_decode, sampling_loop
 from .speedups.merged_lora import merged_lora
 from .speedups.plan import Speedups
 from .value_head import dropout_off
@@ -72,8 +74,10 @@ class Sampler:
                     kwargs["max_new_tokens"] = length_sampler()
                 input_ids, attention_mask = left_pad(chunk, self.pad_token_id)
                 if own_loop:
+                    graphs = self.speedups.graphs_for_loop()
+                    loop = sampling_loop.sample if graphs is None else partial(cuda_graph_decode.sample, graphs=graphs)
                     with self.speedups.precision():
-                        new_tokens, logprobs, hidden = sampling_loop.sample(
+                        new_tokens, logprobs, hidden = loop(
                             model.causal_lm, input_ids, attention_mask, kwargs["max_new_tokens"], temperature,
                             eos_ids, kwargs["pad_token_id"], logprob_temperature=logprob_temperature if capture else None,
                             cache_dtype=self.speedups.precision.kv_cache_dtype)

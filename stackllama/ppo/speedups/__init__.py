@@ -7,6 +7,7 @@ entry point: it decides which apply to a given model, device and config, and log
 - :mod:`.mixed_precision`  one autocast regime for every pass; bf16 autocast's CPU specifics
 - :mod:`.logprob_reuse`    ``log pi_old`` / ``V_old`` taken from the sampling passes
 - :mod:`.sampling_loop`    the decode loop for pure sampling (instead of ``generate``)
+- :mod:`.cuda_graph_decode` that loop's decode step replayed as a captured CUDA graph (GPU)
 - :mod:`.merged_lora`      LoRA folded into the weights while sampling
 - :mod:`.last_layer`       the last decoder layer run only where logits are read
 - :mod:`.cpu_dropout`      dropout masks drawn at half the cost on CPU

@@ -9,7 +9,9 @@ cache allocated once for prompt + ``max_new_tokens``, the LM head on the last po
 only, the next token drawn by inverse CDF from ``softmax(logits / T)``, rows that emitted
 EOS padded, the loop ended when all rows have.
 It also returns, per sampled token, ``log pi(token)`` and the last hidden state, so the
-rollout needs no second policy pass for ``log pi_old`` / ``V_old``.
+rollout needs no second policy pass for ``log pi_old`` / ``V_old``. On a CUDA device the same
+loop runs with a static KV cache and its step replayed as a captured CUDA graph
+(:mod:`.cuda_graph_decode`); both draw each token with :func:`next_token`.
 
 Any other setting (top-k / top-p, penalties, ``min_new_tokens``, beams, streamers,
 ``synced_gpus`` for ZeRO-3 on the shards, sliding-window or recurrent caches, logit
@@ -18,6 +20,7 @@ soft-capping) is left to ``generate``: :func:`unsupported_reason` names why.
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -112,6 +115,13 @@ def _kv_cache(model_config, capacity: int, dtype: Optional[torch.dtype] = None) 
     return cache
 
 
+def cache_kwargs(decoder, cache) -> dict:
+    """``{name: cache}`` under the name ``decoder.forward`` takes: ``cache`` where transformers has
+    renamed ``past_key_values`` (LLaMA since 5.x, which warns about the old name), else the old one."""
+    name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
 def draw(probs: torch.Tensor) -> torch.Tensor:
     """One token per row of ``probs`` (B, V), by inverse CDF: the first index whose
     cumulative probability reaches ``u * total``, ``u`` uniform in (0, 1]. The same
@@ -120,6 +130,24 @@ def draw(probs: torch.Tensor) -> torch.Tensor:
     cdf = probs.cumsum(-1)
     u = 1.0 - torch.rand(probs.shape[0], 1, device=probs.device, dtype=cdf.dtype)  # (0, 1]
     return torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=probs.shape[-1] - 1)[:, 0]
+
+
+def next_token(lm_head, hidden: torch.Tensor, finished: torch.Tensor, temperature: float, eos: torch.Tensor,
+               pad_token_id: int, logprob_temperature: Optional[float] = None):
+    """One token per row from the last hidden states ``hidden`` (B, H): drawn from
+    ``softmax(lm_head(hidden) / T)``, ``pad_token_id`` for rows already ``finished``.
+    Returns ``(token, log pi(token) at logprob_temperature or None, finished after it)``.
+    The one formula of both decode loops (this one and :mod:`.cuda_graph_decode`'s captured
+    step), so it uses no operation that waits for the device (a CUDA graph cannot hold one)."""
+    logits = lm_head(hidden)
+    log_p = core.log_softmax(logits, temperature)
+    token = draw(log_p.exp())
+    token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+    logprob = None
+    if logprob_temperature is not None:
+        lp_all = log_p if logprob_temperature == temperature else core.log_softmax(logits, logprob_temperature)
+        logprob = lp_all.gather(-1, token[:, None])[:, 0]
+    return token, logprob, finished | (token[:, None] == eos).any(-1)
 
 
 def sample(*args, **kwargs):
@@ -160,29 +188,26 @@ def sample_loop(
     positions = core.position_ids_from_attention_mask(attention_mask)
     cache = _kv_cache(causal_lm.config, Q + max_new_tokens, cache_dtype)
     capture = logprob_temperature is not None
+    cached = cache_kwargs(decoder, cache)
 
     with last_layer_from(decoder, Q - 1):  # the prefill reads the last position only
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+                         use_cache=True, **cached).last_hidden_state[:, -1]
     position = positions[:, -1:]
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, logprobs, hiddens = [], [], []
     for t in range(max_new_tokens):
-        logits = lm_head(hidden)
-        log_p = core.log_softmax(logits, temperature)
-        token = draw(log_p.exp())
-        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        token, logprob, finished = next_token(lm_head, hidden, finished, temperature, eos, pad_token_id,
+                                              logprob_temperature)
         tokens.append(token)
         if capture:
-            lp_all = log_p if logprob_temperature == temperature else core.log_softmax(logits, logprob_temperature)
-            logprobs.append(lp_all.gather(-1, token[:, None])[:, 0])
+            logprobs.append(logprob)
             hiddens.append(hidden)
-        finished |= torch.isin(token, eos)
         if t == max_new_tokens - 1 or bool(finished.all()):
             break
         position = position + 1
         hidden = decoder(input_ids=token[:, None], attention_mask=mask[:, : Q + t + 1], position_ids=position,
-                         past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+                         use_cache=True, **cached).last_hidden_state[:, -1]
     tokens = torch.stack(tokens, dim=1)
     if not capture:
         return tokens, None, None

@@ -165,6 +165,7 @@ def main(script_args: RLScriptArguments, config: PPOConfig, model_args: ModelCon
                                    for k in ("generation", "scoring", "ppo_step")},
         "averaged_over_steps": window,
         # response tokens sampled over the run and every process (the evaluation's cost column)
+        "sampling_decode": ppo_trainer.speedups.decode_path,  # "CUDA graph", or "eager (<why>)" as the run ended
         "tokens_generated": int(ppo_trainer.backend.sum(torch.tensor(float(sum(h.get("tokens", 0) for h in history)),
                                                                      device=ppo_trainer.accelerator.device)).item()),
         "log": config.log_jsonl,

@@ -201,12 +201,14 @@ def test_the_captured_step_never_reads_the_device_from_the_host(tok):
     assert _step_host_reads(make_model(tok), ids, mask, eos=(), logprob_temperature=None) == []
 
 
-def test_the_captured_step_never_reads_the_device_in_the_recipes_setting(tok):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_captured_step_never_reads_the_device_in_the_recipes_setting(tok, dtype):
     """LoRA (dropout 0.05) merged for sampling, or left unmerged with its dropout drawing masks
-    (``rollout_in_eval_mode=False``), under bf16 autocast as on a GPU."""
+    (``rollout_in_eval_mode=False``), under bf16 autocast as on a GPU (and fp16, accelerate's other one)."""
     policy = make_policy(tok, lora=True, lora_dropout=0.05, value_head_dropout=0.1)
     ids, mask = prompts(tok)
-    gpu_like = Bf16Autocast([policy], "cpu", cpu_speedups=False)
+    gpu_like = (Bf16Autocast([policy], "cpu", cpu_speedups=False) if dtype == torch.bfloat16
+                else (lambda: torch.autocast("cpu", dtype=torch.float16)))
     policy.eval()
     with merged_lora(policy) as merged, gpu_like():
         assert merged == 4

@@ -210,6 +210,7 @@ def test_rl_script_end_to_end(run_dir, tmp_path, monkeypatch):
     assert [s["reward"] for s in samples] == pytest.approx([x - 0.5 for x in scores], abs=1e-4)
     assert json.loads((out / "ppo_results.json").read_text())["steps"] == 3
     assert len(sampled) == 3
+    assert results["sampling_decode"] == "eager (not on a CUDA device (cpu))"  # which decode path ran, on record
 
     # checkpoint every 2 steps; the final policy reloads with its value head
     assert (out / "checkpoint-2" / "value_head.safetensors").is_file() and not (out / "checkpoint-3").exists()

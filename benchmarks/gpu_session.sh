@@ -6,7 +6,7 @@
 # Everything lands in $OUT: ppo_gpu.log, ppo_gpu.json, gpu_utilisation.csv.
 #
 # The device image has PyTorch, but older transformers/peft/accelerate than this project pins and no
-# network, so the pinned ones travel as wheels (about 17 MB with their missing dependencies):
+# network, so the pinned ones travel as wheels (16 wheels, 20 MB with their missing dependencies):
 #
 #   bash benchmarks/gpu_session.sh --download        # here, with PyPI: fills .whl/ (git-ignored)
 #   # then one device call: run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)

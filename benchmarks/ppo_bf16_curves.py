@@ -24,17 +24,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from ppo_timing import IdTokenizer
+
 from stackllama.ppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 
 VOCAB, TARGET, PAD, EOS = 64, 40, 0, 1
-
-
-class _IdTokenizer:
-    pad_token_id = PAD
-    eos_token_id = EOS
-
-    def batch_decode(self, seqs, skip_special_tokens=True):
-        return [" ".join(map(str, s.tolist())) for s in seqs]
 
 
 def run(seed: int, variant: str, steps: int) -> tuple[list[float], list[float]]:
@@ -45,7 +39,7 @@ def run(seed: int, variant: str, steps: int) -> tuple[list[float], list[float]]:
     policy = AutoModelForCausalLMWithValueHead(LlamaForCausalLM(config).eval(), value_head_dropout=0.0)
     ppo = PPOConfig(batch_size=16, mini_batch_size=8, ppo_epochs=4, learning_rate=3e-3, init_kl_coef=0.01, seed=seed,
                     bf16_autocast=variant.startswith("bf16"), reuse_generation_logprobs=variant != "fp32-recompute")
-    trainer = PPOTrainer(ppo, policy, None, _IdTokenizer())
+    trainer = PPOTrainer(ppo, policy, None, IdTokenizer(pad_token_id=PAD, eos_token_id=EOS))
     g = torch.Generator().manual_seed(1234)  # the same prompts for every run
     prompts = [torch.randint(3, VOCAB, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g) for _ in range(64)]
     rewards, kls = [], []

@@ -66,7 +66,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # ppo_timing, when imported from elsewhere
 
 import torch  # noqa: E402
-from ppo_timing import PARTS, median_of, time_step  # noqa: E402
+from ppo_timing import PARTS, IdTokenizer, median_of, time_step  # noqa: E402
 
 from stackllama.atomic import write_json  # noqa: E402
 
@@ -255,17 +255,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _IdTokenizer:
-    """Just enough tokenizer for the trainer: ids in, no text decoding needed; no EOS, so every
-    response has exactly ``max_new_tokens`` tokens."""
-
-    pad_token_id = PAD_ID
-    eos_token_id = None
-
-    def batch_decode(self, seqs, skip_special_tokens=True):
-        return [" ".join(map(str, s.tolist())) for s in seqs]
-
-
 def llama_config(shape: dict, num_labels: Optional[int] = None, layers: Optional[int] = None):
     from transformers import LlamaConfig
 
@@ -420,8 +409,7 @@ def recomputed_logprobs(model, ids, mask, tokens, autocast: Callable) -> torch.T
     with torch.inference_mode(), autocast():
         logits = model(input_ids=torch.cat([ids, tokens], 1), attention_mask=full_mask,
                        position_ids=core.position_ids_from_attention_mask(full_mask)).logits
-    Q = ids.shape[1]
-    return torch.log_softmax(logits[:, Q - 1 : -1].float(), -1).gather(-1, tokens[..., None])[..., 0]
+    return core.logprobs_from_logits(logits[:, ids.shape[1] - 1 : -1], tokens)
 
 
 def check_section(args, device: torch.device, results: dict) -> None:
@@ -646,7 +634,8 @@ def ppo_section(args, device: torch.device, base, results: dict, budget: Budget,
                                bf16_autocast=autocast, cuda_graph_sampling=graph)
             # fresh adapters, value head and optimizer per size (the trainer hooks the adapters' gradients)
             policy_lm = get_peft_model(base, lora)
-            trainer = PPOTrainer(config, AutoModelForCausalLMWithValueHead(policy_lm), None, _IdTokenizer())
+            trainer = PPOTrainer(config, AutoModelForCausalLMWithValueHead(policy_lm), None,
+                                 IdTokenizer(pad_token_id=PAD_ID, eos_token_id=None))
             queries = [torch.randint(3, shape["vocab"], (Q,), generator=gen).to(device) for _ in range(B)]
             gen_kwargs = dict(do_sample=True, top_k=0, top_p=1.0, max_new_tokens=R, batch_size=B)
             loop_reason = sampling_loop.unsupported_reason(

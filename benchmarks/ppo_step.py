@@ -29,23 +29,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from peft import LoraConfig, get_peft_model
-from ppo_timing import median_of, print_split, time_step
+from ppo_timing import IdTokenizer, median_of, print_split, time_step
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from stackllama.ppo import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 from stackllama.ppo.rollout_batch import left_pad
 from stackllama.ppo.speedups.cpu_allocator import keep_freed_memory
-
-
-class _IdTokenizer:
-    """Just enough tokenizer for the trainer: ids in, no text decoding needed."""
-
-    pad_token_id = 0
-    eos_token_id = 2
-
-    def batch_decode(self, seqs, skip_special_tokens=True):
-        return [" ".join(map(str, s.tolist())) for s in seqs]
 
 
 def matmul_rate(n: int = 1024, reps: int = 20) -> float:
@@ -87,7 +77,7 @@ def main() -> None:
 
     ppo_config = PPOConfig(batch_size=B, mini_batch_size=B // 4, ppo_epochs=4, learning_rate=1.41e-5, seed=0, bf16_autocast=args.bf16,
                            reuse_generation_logprobs=not args.no_reuse, dropout_in_updates=args.dropout_in_updates)
-    trainer = PPOTrainer(ppo_config, policy, None, _IdTokenizer())
+    trainer = PPOTrainer(ppo_config, policy, None, IdTokenizer(pad_token_id=0, eos_token_id=2))
     queries = [torch.randint(3, args.vocab, (Q,)) for _ in range(B)]
     gen_kwargs = dict(do_sample=True, top_k=0, top_p=1.0, max_new_tokens=R, batch_size=B)
 

@@ -1,11 +1,22 @@
 """Timing one PPO step the same way for benchmarks/ppo_step.py (this project's trainer) and
 benchmarks/trl011_ppo_step.py (TRL 0.11's): plain Python and torch only, so both virtual
-environments import it."""
+environments import it. Also the id-level tokenizer the PPO benchmarks give the trainer."""
 
 from __future__ import annotations
 
 import statistics
 import time
+
+class IdTokenizer:
+    """Just enough tokenizer for the PPO trainer on random models: ids in, ids joined as text out.
+    ``eos_token_id=None``: no EOS, so every response has all its ``max_new_tokens``."""
+
+    def __init__(self, pad_token_id: int = 0, eos_token_id=2) -> None:
+        self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
+
+    def batch_decode(self, seqs, skip_special_tokens=True):
+        return [" ".join(map(str, s.tolist())) for s in seqs]
+
 
 PARTS = ("generation", "scoring", "rollout forward", "optimisation", "other (advantages, stats)")
 

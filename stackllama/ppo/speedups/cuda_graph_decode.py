@@ -130,17 +130,17 @@ class CudaGraphs:
         return graph.replay
 
 
-class _autocast_cache_off:
+@contextlib.contextmanager
+def _autocast_cache_off():
     """Autocast's cache of cast weights off while capturing: a cast cached before the capture
     would be read by every replay from memory the graph does not own (PyTorch's CUDA graphs
     guide: ``cache_enabled=False``)."""
-
-    def __enter__(self):
-        self._was = torch.is_autocast_cache_enabled()
-        torch.set_autocast_cache_enabled(False)
-
-    def __exit__(self, *exc):
-        torch.set_autocast_cache_enabled(self._was)
+    was = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(was)
 
 
 class _StaticLayer(StaticLayer):
@@ -190,7 +190,6 @@ class StaticDecode:
         self.column = torch.zeros(1, dtype=torch.long, device=device)
         self.tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         self.logprobs = self.hiddens = None
-        self.max_new_tokens = max_new_tokens
 
     def prefill(self) -> None:
         with last_layer_from(self.decoder, self.input_ids.shape[1] - 1):  # the prefill reads the last position only
